@@ -16,14 +16,20 @@ export interface ForwardRequest {
   readonly headers: Headers;
   /** The streamed request body (already length-limited), or null. */
   readonly body: ReadableStream<Uint8Array> | null;
-  /** Aborted when the client goes away or the overall deadline passes. */
+  /** Aborted when the client goes away. */
   readonly signal: AbortSignal;
+  /**
+   * Overall deadline for the whole exchange, response body included. Before the response
+   * head: reject with ForwardError('deadline'). After it: error the body stream.
+   */
+  readonly deadlineMs: number;
 }
 
 /**
  * Sends the request upstream and resolves with the upstream's response as soon as its
  * headers arrive (the body streams). Redirects are returned, never followed.
- * Transport failures reject with a ForwardError; anything else is treated as unreachable.
+ * Transport failures reject with a ForwardError; a client abort rejects with signal.reason;
+ * anything else is treated as unreachable.
  */
 export type Forwarder = (request: ForwardRequest) => Promise<Response>;
 
@@ -31,6 +37,7 @@ export type ForwardFailure =
   | 'unreachable' // DNS failure, refused, no route
   | 'connect_timeout'
   | 'headers_timeout'
+  | 'deadline' // the overall deadline passed before the response head
   | 'blocked' // resolved address in a refused range (loopback, link-local, ...)
   | 'reset' // connection closed before a complete response head
   | 'bad_response'; // unparseable response from the upstream

@@ -1,0 +1,263 @@
+/**
+ * createGateway(config, deps) -> { fetch }: the whole request path, top to bottom.
+ *
+ *   route -> look up -> identify -> authorize -> limit body -> rewrite headers -> forward -> relay
+ *
+ * Stages share one small value ({ fn, identity }); the inbound Request is never mutated.
+ * Every answer the gateway makes itself is a GatewayError rendered by toResponse().
+ */
+import { cidrContains, parseCidr, type Cidr } from './addresses.ts';
+import { limitBody } from './body.ts';
+import type { CatalogSnapshot, FunctionEntry } from './catalog.ts';
+import { GatewayError, isGatewayError, toResponse } from './errors.ts';
+import { ForwardError, type ForwardFailure, type Forwarder } from './forwarder.ts';
+import { buildUpstreamHeaders, stripResponseHopByHop } from './headers.ts';
+import { ANONYMOUS, createIdentifier, type Identity, type KeyConfig } from './identity.ts';
+import { silentLogger, type Logger } from './log.ts';
+import { Metrics } from './metrics.ts';
+import { ALLOW_HEADER, createRouteTable, parseFunctionTarget, PROXY_METHODS } from './routes.ts';
+
+export interface GatewayLimits {
+  /** Request body limit in bytes, unless the function's row sets its own. Default 20 MiB. */
+  readonly maxBodyBytes?: number;
+  /** Overall per-request deadline in ms, unless the function's row sets its own. Default 150 s. */
+  readonly requestTimeoutMs?: number;
+}
+
+export interface GatewayConfig {
+  readonly keys: KeyConfig;
+  readonly limits?: GatewayLimits;
+  /** CIDRs of proxies in front of the gateway whose X-Forwarded-* are kept and extended. */
+  readonly trustedProxies?: readonly string[];
+  /** Serve Prometheus text on /metrics. Default true. */
+  readonly metrics?: boolean;
+}
+
+export interface GatewayDeps {
+  /** The current catalog snapshot, undefined until the first load. */
+  readonly catalog: () => CatalogSnapshot | undefined;
+  /** Host readiness beyond a loaded catalog (e.g. the LISTEN connection is up). Default: true. */
+  readonly ready?: () => boolean;
+  readonly forward: Forwarder;
+  readonly now?: () => number;
+  readonly log?: Logger;
+  /** Used only to fetch a remote JWKS. Default: globalThis.fetch. */
+  readonly fetch?: typeof fetch;
+  /** Extra Prometheus lines from the host (catalog gauges). */
+  readonly extraMetrics?: () => string[];
+  /** Request id generator. Default: crypto.randomUUID. */
+  readonly requestId?: () => string;
+}
+
+/** What a host knows about a request beyond the Request object. */
+export interface RequestContext {
+  /** The request target exactly as on the request line (Node: req.url). Default: from request.url. */
+  readonly rawTarget?: string;
+  /** The TCP peer address. */
+  readonly clientAddress?: string;
+  /** Aborted when the client goes away. Default: request.signal. */
+  readonly signal?: AbortSignal;
+}
+
+export interface Gateway {
+  fetch(request: Request, context?: RequestContext): Promise<Response>;
+  /** Fetches a remote JWKS ahead of traffic; resolves either way. */
+  warm(): Promise<void>;
+  readonly metrics: Metrics;
+  /** Makes /readyz answer 503 and new function requests 503 shutting_down (for draining). */
+  drain(): void;
+}
+
+const FAILURE_CODES: Record<ForwardFailure, ConstructorParameters<typeof GatewayError>[0]> = {
+  unreachable: 'upstream_unreachable',
+  connect_timeout: 'upstream_connect_timeout',
+  headers_timeout: 'upstream_headers_timeout',
+  deadline: 'upstream_deadline',
+  blocked: 'upstream_blocked',
+  reset: 'upstream_reset',
+  bad_response: 'upstream_bad_response',
+};
+
+/** X-Request-Id kept from the client only when it is a plain token. */
+const REQUEST_ID = /^[A-Za-z0-9._:+=\/-]{1,128}$/;
+
+function targetOf(request: Request): string {
+  const url = new URL(request.url);
+  return url.pathname + url.search;
+}
+
+export function createGateway(config: GatewayConfig, deps: GatewayDeps): Gateway {
+  const now = deps.now ?? Date.now;
+  const log = deps.log ?? silentLogger;
+  const ready = deps.ready ?? (() => true);
+  const newId = deps.requestId ?? (() => crypto.randomUUID());
+  const maxBodyBytes = config.limits?.maxBodyBytes ?? 20 * 1024 * 1024;
+  const requestTimeoutMs = config.limits?.requestTimeoutMs ?? 150_000;
+  const trusted: Cidr[] = (config.trustedProxies ?? []).map(parseCidr);
+  const identifier = createIdentifier(config.keys, { now, log, fetch: deps.fetch ?? globalThis.fetch.bind(globalThis) });
+  const route = createRouteTable({ metrics: config.metrics ?? true });
+  const metrics = new Metrics();
+  let draining = false;
+
+  const isTrusted = (address: string | undefined) => address !== undefined && trusted.some((c) => cidrContains(c, address));
+
+  /** Authorize: the function's verify_jwt rule applied to what the credentials proved. */
+  async function authorize(fn: FunctionEntry, request: Request): Promise<Identity> {
+    // CORS preflight carries no credentials (browsers never send them): never required.
+    const open = !fn.verifyJwt || request.method === 'OPTIONS';
+    const credentials = await identifier.identify(request.headers);
+    switch (credentials.kind) {
+      case 'valid':
+        if (!open && credentials.identity.role === 'anon') throw new GatewayError('credentials_required');
+        return credentials.identity;
+      case 'invalid':
+        // On an open function a foreign token (a webhook's own) just makes the caller anon.
+        if (open) return ANONYMOUS;
+        throw credentials.error;
+      case 'none':
+        if (!open) throw new GatewayError('credentials_required');
+        return ANONYMOUS;
+    }
+  }
+
+  async function proxy(request: Request, context: RequestContext, requestId: string, state: { fn?: string; role?: string }): Promise<Response> {
+    if (draining) throw new GatewayError('shutting_down', { headers: { 'retry-after': '1', connection: 'close' } });
+    if (!PROXY_METHODS.has(request.method)) throw new GatewayError('method_not_allowed', { headers: { allow: ALLOW_HEADER } });
+    const parsed = parseFunctionTarget(context.rawTarget ?? targetOf(request));
+    if (isGatewayError(parsed)) throw parsed;
+
+    // Look up: one snapshot for the whole request, even if a reload lands meanwhile.
+    const snapshot = deps.catalog();
+    if (!snapshot) throw new GatewayError('catalog_not_loaded', { headers: { 'retry-after': '1' } });
+    const fn = snapshot.functions.get(parsed.name);
+    if (!fn) throw new GatewayError('function_not_found');
+    state.fn = fn.name;
+
+    // An upgrade would hand the socket to the function outside this pipeline; websockets
+    // are refused. Other upgrade offers (h2c) are dropped as hop-by-hop headers.
+    if (/\bwebsocket\b/i.test(request.headers.get('upgrade') ?? '')) throw new GatewayError('upgrade_not_supported');
+
+    const identity = await authorize(fn, request);
+    state.role = identity.role;
+
+    const limited = limitBody(request, fn.maxBodyBytes ?? maxBodyBytes);
+    if (isGatewayError(limited)) throw limited;
+
+    const url = new URL(request.url);
+    const headers = buildUpstreamHeaders(request.headers, identity, requestId, {
+      clientAddress: context.clientAddress,
+      proto: url.protocol === 'https:' ? 'https' : 'http',
+      host: request.headers.get('host') ?? url.host,
+      trustForwarded: isTrusted(context.clientAddress),
+    });
+
+    const path = fn.upstream.basePath + parsed.target;
+    let response: Response;
+    try {
+      response = await deps.forward({
+        fn,
+        method: request.method,
+        url: fn.upstream.origin + path,
+        path,
+        headers,
+        body: limited.body,
+        signal: context.signal ?? request.signal,
+        deadlineMs: fn.timeoutMs ?? requestTimeoutMs,
+      });
+    } catch (err) {
+      if (limited.exceeded()) throw new GatewayError('payload_too_large', { cause: err });
+      if (err instanceof ForwardError) throw new GatewayError(FAILURE_CODES[err.kind], { cause: err });
+      if (isGatewayError(err)) throw err;
+      throw new GatewayError('upstream_unreachable', { cause: err });
+    }
+    return relay(response, requestId);
+  }
+
+  /** Relay: the function's own answer, untouched but for hop-by-hop headers and the request id. */
+  function relay(response: Response, requestId: string): Response {
+    try {
+      stripResponseHopByHop(response.headers);
+      response.headers.set('x-request-id', requestId);
+      return response;
+    } catch {
+      // Immutable headers (a Response from fetch()): copy them once.
+      const headers = new Headers(response.headers);
+      stripResponseHopByHop(headers);
+      headers.set('x-request-id', requestId);
+      return new Response(response.body, { status: response.status, statusText: response.statusText, headers });
+    }
+  }
+
+  function readiness(): Response {
+    const snapshot = deps.catalog();
+    const ok = !draining && snapshot !== undefined && ready();
+    const body = {
+      status: ok ? 'ready' : 'not_ready',
+      catalog: snapshot ? { functions: snapshot.functions.size, dropped: snapshot.dropped.length, loadedAt: new Date(snapshot.loadedAt).toISOString() } : null,
+      listener: ready(),
+      draining,
+    };
+    return Response.json(body, { status: ok ? 200 : 503, headers: { 'cache-control': 'no-store' } });
+  }
+
+  async function handle(request: Request, context: RequestContext = {}): Promise<Response> {
+    const started = now();
+    const inbound = request.headers.get('x-request-id');
+    const requestId = inbound && REQUEST_ID.test(inbound) ? inbound : newId();
+    const state: { fn?: string; role?: string } = {};
+    let response: Response;
+    let code: string | undefined;
+    metrics.requestStarted();
+    try {
+      const kind = await route(request);
+      if (kind === 'function') {
+        response = await proxy(request, context, requestId, state);
+      } else if (kind !== undefined && request.method !== 'GET' && request.method !== 'HEAD') {
+        throw new GatewayError('method_not_allowed', { headers: { allow: 'GET, HEAD' } });
+      } else if (kind === 'health') {
+        response = new Response('ok\n', { headers: { 'content-type': 'text/plain; charset=utf-8', 'cache-control': 'no-store' } });
+      } else if (kind === 'ready') {
+        response = readiness();
+      } else if (kind === 'metrics') {
+        response = new Response(metrics.render(deps.extraMetrics?.() ?? []), { headers: { 'content-type': 'text/plain; version=0.0.4' } });
+      } else {
+        throw new GatewayError('not_found');
+      }
+    } catch (err) {
+      const error = isGatewayError(err) ? err : new GatewayError('internal_error', { cause: err });
+      code = error.code;
+      if (error.status >= 500 || error.code === 'internal_error') {
+        log(error.status === 500 ? 'error' : 'warn', error.message, { request_id: requestId, code, cause: describe(error.cause) });
+      }
+      response = toResponse(error, requestId);
+    }
+    const ms = now() - started;
+    metrics.requestFinished(state.fn ?? '', response.status, ms / 1000, code);
+    log('info', 'request', {
+      request_id: requestId,
+      method: request.method,
+      path: (context.rawTarget ?? targetOf(request)).split('?')[0],
+      function: state.fn,
+      role: state.role,
+      status: response.status,
+      code,
+      ms,
+    });
+    return response;
+  }
+
+  return {
+    fetch: handle,
+    warm: () => identifier.warm(),
+    metrics,
+    drain() {
+      draining = true;
+    },
+  };
+}
+
+function describe(cause: unknown): string | undefined {
+  if (cause === undefined) return undefined;
+  if (cause instanceof Error) return `${cause.name}: ${cause.message}${cause.cause ? ` <- ${describe(cause.cause)}` : ''}`;
+  return String(cause);
+}

@@ -1,0 +1,130 @@
+/**
+ * The outgoing request's headers are rebuilt, not patched (as Go's httputil.ReverseProxy):
+ * copy what is end-to-end, drop what is hop-by-hop or spoofable, then add the gateway's own.
+ * Header names are compared after lowercasing and mapping `_` to `-`, because CGI, WSGI,
+ * PHP and others expose `X_Pgstack_Role` and `X-Pgstack-Role` under the same variable.
+ */
+import type { Identity } from './identity.ts';
+
+/** RFC 9110 7.6.1: connection-specific fields, never forwarded; plus the legacy ones. */
+const HOP_BY_HOP: ReadonlySet<string> = new Set([
+  'connection',
+  'keep-alive',
+  'proxy-connection',
+  'te',
+  'trailer',
+  'transfer-encoding',
+  'upgrade',
+  'http2-settings',
+]);
+
+/** Forwarding headers a client could forge; the gateway sets its own. */
+const FORWARDING: ReadonlySet<string> = new Set([
+  'forwarded',
+  'x-forwarded-for',
+  'x-forwarded-proto',
+  'x-forwarded-host',
+  'x-forwarded-port',
+  'x-forwarded-prefix',
+  'x-forwarded-server',
+  'x-real-ip',
+  'x-client-ip',
+  'true-client-ip',
+  'cf-connecting-ip',
+]);
+
+/**
+ * Request headers the gateway handles itself: `host` (the transport sets the upstream's),
+ * `expect` (the gateway's server answers 100-continue; relaying it upstream would ask for
+ * a second interim answer), `x-request-id` (validated and set below), `content-length`
+ * when the body is re-framed is the transport's business, so it is kept here.
+ */
+const GATEWAY_OWNED: ReadonlySet<string> = new Set(['host', 'expect', 'x-request-id']);
+
+export const IDENTITY_PREFIX = 'x-pgstack-';
+
+/** Lowercase and treat `_` as `-`: the spelling an upstream framework may fold names to. */
+export function canonicalName(name: string): string {
+  return name.toLowerCase().replace(/_/g, '-');
+}
+
+/** Names listed in a Connection header value (RFC 9110 7.6.1), canonicalised. */
+export function connectionTokens(value: string | null): Set<string> {
+  const tokens = new Set<string>();
+  if (!value) return tokens;
+  for (const part of value.split(',')) {
+    const token = part.trim();
+    if (token) tokens.add(canonicalName(token));
+  }
+  return tokens;
+}
+
+function isHopByHop(canonical: string, named: ReadonlySet<string>): boolean {
+  return HOP_BY_HOP.has(canonical) || canonical.startsWith('proxy-') || named.has(canonical);
+}
+
+export interface ForwardedFacts {
+  /** The TCP peer of the gateway, if the host knows it. */
+  readonly clientAddress: string | undefined;
+  /** 'http' or 'https', as the client reached the gateway. */
+  readonly proto: string;
+  /** The Host the client asked for. */
+  readonly host: string | undefined;
+  /** True when the peer is a trusted proxy whose forwarding headers are kept and extended. */
+  readonly trustForwarded: boolean;
+}
+
+/**
+ * Builds the upstream request headers in one fixed order:
+ * 1. copy end-to-end headers, dropping hop-by-hop ones and every header named in
+ *    Connection, every `x-pgstack-*` (any case, `_` or `-`), forwarding headers from an
+ *    untrusted peer, and the headers the gateway owns;
+ * 2. set X-Forwarded-For/-Proto/-Host and X-Request-Id;
+ * 3. set X-Pgstack-Role, X-Pgstack-Sub and (when there are claims) X-Pgstack-Claims.
+ * Because step 3 runs last on a fresh Headers, exactly one copy of each identity header
+ * reaches the upstream whatever the client sent.
+ */
+export function buildUpstreamHeaders(inbound: Headers, identity: Identity, requestId: string, facts: ForwardedFacts): Headers {
+  const named = connectionTokens(inbound.get('connection'));
+  const out = new Headers();
+  for (const [name, value] of inbound) {
+    const canonical = canonicalName(name);
+    if (isHopByHop(canonical, named)) continue;
+    if (canonical.startsWith(IDENTITY_PREFIX)) continue;
+    if (GATEWAY_OWNED.has(canonical)) continue;
+    if (FORWARDING.has(canonical) && (!facts.trustForwarded || canonical !== name)) continue;
+    out.append(name, value);
+  }
+
+  const client = facts.clientAddress;
+  if (facts.trustForwarded) {
+    const prior = inbound.get('x-forwarded-for');
+    const chain = [prior, client].filter(Boolean).join(', ');
+    if (chain) out.set('x-forwarded-for', chain);
+    if (!out.has('x-forwarded-proto')) out.set('x-forwarded-proto', facts.proto);
+    if (!out.has('x-forwarded-host') && facts.host) out.set('x-forwarded-host', facts.host);
+  } else {
+    if (client) out.set('x-forwarded-for', client);
+    out.set('x-forwarded-proto', facts.proto);
+    if (facts.host) out.set('x-forwarded-host', facts.host);
+  }
+  out.set('x-request-id', requestId);
+
+  out.set('x-pgstack-role', identity.role);
+  out.set('x-pgstack-sub', identity.sub);
+  if (identity.claimsHeader !== undefined) out.set('x-pgstack-claims', identity.claimsHeader);
+  return out;
+}
+
+/**
+ * Removes hop-by-hop headers from an upstream response (RFC 9110 7.6.1) so the gateway's
+ * own framing applies. Mutates `headers`.
+ */
+export function stripResponseHopByHop(headers: Headers): void {
+  const named = connectionTokens(headers.get('connection'));
+  const drop: string[] = [];
+  for (const name of headers.keys()) {
+    if (isHopByHop(canonicalName(name), named)) drop.push(name);
+  }
+  for (const name of drop) headers.delete(name);
+}

@@ -1,0 +1,206 @@
+/**
+ * Credentials -> Identity (DESIGN section 4).
+ *
+ * Sources, in order: `Authorization: Bearer <jwt>`, else the `apikey` header (the anon or
+ * service key, itself a JWT). Query strings and cookies are never read: a token there is
+ * ignored, so such a caller is anon.
+ * Keys: an HS256 secret and/or a JWKS. The algorithm is fixed by the key that matches the
+ * token's header; `alg: none` never verifies (jose refuses unsecured JWTs in jwtVerify), an
+ * HS256 token can only be checked against the HS256 secret (never a public key), and keys
+ * embedded in the token (`jwk`, `jku`, `x5u`, `x5c`) are ignored: only configured keys verify.
+ */
+import { jwtVerify, errors, createLocalJWKSet, type JWTPayload, type JSONWebKeySet, type JWSHeaderParameters, type FlattenedJWSInput } from 'jose';
+import { GatewayError, type ErrorCode } from './errors.ts';
+import { createRemoteJwks, type KeyGetter } from './jwks.ts';
+import type { Logger } from './log.ts';
+
+export type Role = 'anon' | 'authenticated' | 'service_role';
+
+export interface Identity {
+  readonly role: Role;
+  /** '' for anon and for a service key without `sub`. */
+  readonly sub: string;
+  /** The verified token's claims, or undefined when the caller presented none. */
+  readonly claims: Readonly<Record<string, unknown>> | undefined;
+  /** `claims` as ASCII-only JSON, ready for the X-Pgstack-Claims header. */
+  readonly claimsHeader: string | undefined;
+}
+
+export const ANONYMOUS: Identity = Object.freeze({ role: 'anon', sub: '', claims: undefined, claimsHeader: undefined });
+
+export interface KeyConfig {
+  /** HS256 shared secret (Supabase's JWT_SECRET). */
+  readonly jwtSecret?: string | undefined;
+  /** Inline JWKS (works offline). */
+  readonly jwks?: JSONWebKeySet | undefined;
+  /** Remote JWKS URL, fetched with deps.fetch. */
+  readonly jwksUrl?: string | undefined;
+  readonly issuer?: string | string[] | undefined;
+  readonly audience?: string | string[] | undefined;
+  /** Leeway for exp/nbf in seconds. Default 5. */
+  readonly clockToleranceSec?: number | undefined;
+  /** Upper bound on one credential header in bytes. Default 8192. */
+  readonly maxTokenBytes?: number | undefined;
+  /** Verified-token cache entries. Default 10,000. 0 disables the cache. */
+  readonly cacheSize?: number | undefined;
+}
+
+/** The outcome of reading a request's credentials, before any function's policy. */
+export type Credentials =
+  | { readonly kind: 'none' }
+  | { readonly kind: 'valid'; readonly identity: Identity }
+  | { readonly kind: 'invalid'; readonly error: GatewayError };
+
+const ROLES: ReadonlySet<string> = new Set(['anon', 'authenticated', 'service_role']);
+/** RFC 6750 2.1: `Bearer 1*SP b64token`; the scheme is case-insensitive (RFC 9110 11.1). */
+const BEARER = /^bearer +([A-Za-z0-9\-._~+/]+=*) *$/i;
+/** A compact JWS: three base64url parts. Anything else (an opaque `sb_publishable_...` key) is not a JWT. */
+const COMPACT_JWS = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$/;
+/** X-Pgstack-Sub must be a plain header value: printable ASCII, no CR/LF, bounded. */
+const SAFE_SUB = /^[\x20-\x7e]{0,256}$/;
+const SUB_CACHE_TTL_MS = 300_000;
+
+const ASYMMETRIC_ALGS = ['ES256', 'ES384', 'RS256', 'RS384', 'RS512', 'PS256', 'PS384', 'PS512', 'EdDSA', 'Ed25519'];
+
+/**
+ * Encodes claims as JSON that is pure printable ASCII: every char outside 0x20..0x7e is a
+ * \uXXXX escape (JSON.stringify already escapes controls below 0x20 and lone surrogates).
+ * Any JSON parser decodes it to exactly the claims, and no HTTP stack mangles it.
+ */
+export function encodeClaims(claims: Readonly<Record<string, unknown>>): string {
+  return JSON.stringify(claims).replace(/[\u007f-\uffff]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
+}
+
+function mapJoseError(err: unknown, code: ErrorCode = 'invalid_token'): GatewayError {
+  if (err instanceof errors.JWTExpired) return new GatewayError('token_expired', { cause: err });
+  if (err instanceof errors.JWTClaimValidationFailed && err.claim === 'nbf') return new GatewayError('token_not_yet_valid', { cause: err });
+  return new GatewayError(code, { cause: err });
+}
+
+export interface IdentifierDeps {
+  readonly now: () => number;
+  readonly fetch: typeof fetch;
+  readonly log: Logger;
+}
+
+export interface Identifier {
+  /** Reads the credentials of a request. Never throws. */
+  identify(headers: Headers): Promise<Credentials>;
+  /** Fetches a remote JWKS ahead of the first request (no-op without JWKS_URL). */
+  warm(): Promise<void>;
+}
+
+export function createIdentifier(config: KeyConfig, deps: IdentifierDeps): Identifier {
+  const maxTokenBytes = config.maxTokenBytes ?? 8192;
+  const cacheSize = config.cacheSize ?? 10_000;
+  const clockTolerance = config.clockToleranceSec ?? 5;
+  const secret = config.jwtSecret ? new TextEncoder().encode(config.jwtSecret) : undefined;
+  const remote = config.jwksUrl
+    ? createRemoteJwks({ url: config.jwksUrl, fetch: deps.fetch, now: deps.now, log: deps.log })
+    : undefined;
+  const inline = config.jwks ? createLocalJWKSet(config.jwks) : undefined;
+  const jwksGetter: KeyGetter | undefined = remote?.getKey ?? inline;
+  const algorithms = [...(secret ? ['HS256'] : []), ...(jwksGetter ? ASYMMETRIC_ALGS : [])];
+
+  // The key is chosen by the header's alg family: HS256 only ever meets the shared secret,
+  // so a token "signed" with a public key as an HMAC secret finds no key to verify with.
+  const keyFor = async (header: JWSHeaderParameters, token: FlattenedJWSInput): Promise<CryptoKey | Uint8Array> => {
+    if (header.alg === 'HS256') {
+      if (!secret) throw new errors.JWKSNoMatchingKey('no HS256 secret configured');
+      return secret;
+    }
+    if (!jwksGetter) throw new errors.JWKSNoMatchingKey('no JWKS configured');
+    return jwksGetter(header, token);
+  };
+
+  // Verified tokens, in insertion order for a cheap bounded eviction. An entry lives until
+  // the token's exp (never past it) and at most SUB_CACHE_TTL_MS, so a revoked signing key
+  // stops being honoured within minutes.
+  const cache = new Map<string, { identity: Identity; until: number }>();
+
+  function identityFrom(payload: JWTPayload): Identity | GatewayError {
+    const role = payload['role'];
+    if (typeof role !== 'string' || !ROLES.has(role)) {
+      return new GatewayError('invalid_role');
+    }
+    const rawSub = payload.sub;
+    if (rawSub !== undefined && (typeof rawSub !== 'string' || !SAFE_SUB.test(rawSub))) {
+      return new GatewayError('invalid_token', { message: 'The token\'s "sub" is not a printable ASCII string.' });
+    }
+    const sub = role === 'anon' ? '' : (rawSub ?? '');
+    if (role === 'authenticated' && sub === '') {
+      return new GatewayError('invalid_token', { message: 'An authenticated token must carry a "sub".' });
+    }
+    const claims = Object.freeze({ ...payload });
+    return Object.freeze({ role: role as Role, sub, claims, claimsHeader: encodeClaims(claims) });
+  }
+
+  async function verify(token: string, invalidCode: ErrorCode): Promise<Identity | GatewayError> {
+    const now = deps.now();
+    const hit = cache.get(token);
+    if (hit) {
+      if (hit.until > now) return hit.identity;
+      cache.delete(token);
+    }
+    if (!COMPACT_JWS.test(token)) {
+      return new GatewayError(invalidCode, { message: 'The credential is not a JWT.' });
+    }
+    if (algorithms.length === 0) {
+      return new GatewayError(invalidCode, { message: 'The gateway has no keys configured to verify tokens.' });
+    }
+    let payload: JWTPayload;
+    try {
+      ({ payload } = await jwtVerify(token, keyFor, {
+        algorithms,
+        currentDate: new Date(now),
+        clockTolerance,
+        ...(config.issuer ? { issuer: config.issuer } : {}),
+        ...(config.audience ? { audience: config.audience } : {}),
+      }));
+    } catch (err) {
+      return mapJoseError(err, invalidCode);
+    }
+    const identity = identityFrom(payload);
+    if (identity instanceof GatewayError) return identity;
+    if (cacheSize > 0) {
+      const until = Math.min(typeof payload.exp === 'number' ? payload.exp * 1000 : Infinity, now + SUB_CACHE_TTL_MS);
+      if (cache.size >= cacheSize) {
+        const oldest = cache.keys().next();
+        if (!oldest.done) cache.delete(oldest.value);
+      }
+      cache.set(token, { identity, until });
+    }
+    return identity;
+  }
+
+  async function identify(headers: Headers): Promise<Credentials> {
+    const authorization = headers.get('authorization');
+    const apikey = headers.get('apikey');
+    if ((authorization?.length ?? 0) > maxTokenBytes || (apikey?.length ?? 0) > maxTokenBytes) {
+      return { kind: 'invalid', error: new GatewayError('token_too_large') };
+    }
+
+    let bearer: Identity | GatewayError | undefined;
+    if (authorization !== null) {
+      const match = BEARER.exec(authorization);
+      bearer = match?.[1]
+        ? await verify(match[1], 'invalid_token')
+        : new GatewayError('invalid_token', { message: 'Authorization is not a single Bearer token.' });
+    }
+    // The apikey is checked whenever it is sent: a forged or foreign apikey beside a good
+    // bearer is still an invalid request, never silently ignored.
+    let key: Identity | GatewayError | undefined;
+    if (apikey !== null) key = await verify(apikey.trim(), 'invalid_apikey');
+
+    if (bearer instanceof GatewayError) return { kind: 'invalid', error: bearer };
+    if (key instanceof GatewayError) return { kind: 'invalid', error: key };
+    const identity = bearer ?? key;
+    return identity ? { kind: 'valid', identity } : { kind: 'none' };
+  }
+
+  async function warm(): Promise<void> {
+    if (remote) await remote.refresh();
+  }
+
+  return { identify, warm };
+}

@@ -1,0 +1,64 @@
+/**
+ * Which path is which function. itty-router dispatches the gateway's few routes; the
+ * function name and the upstream target are then read from the raw request target, not
+ * from a normalised URL, so a dot segment or an encoded slash can never turn one
+ * function's path into another's.
+ */
+import { IttyRouter, type IRequest } from 'itty-router';
+import { FUNCTION_NAME } from './catalog.ts';
+import { GatewayError } from './errors.ts';
+
+export const FUNCTIONS_PREFIX = '/functions/v1/';
+
+/** Methods proxied to functions; anything else is 405 with an Allow header. */
+export const PROXY_METHODS: ReadonlySet<string> = new Set(['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS']);
+export const ALLOW_HEADER = [...PROXY_METHODS].join(', ');
+
+export interface FunctionTarget {
+  readonly name: string;
+  /** Path and query exactly as the client sent them. */
+  readonly target: string;
+}
+
+/** True for `.`, `..` and their percent-encoded spellings (`%2e`, `.%2E`, ...). */
+function isDotSegment(segment: string): boolean {
+  const decoded = segment.toLowerCase().replaceAll('%2e', '.');
+  return decoded === '.' || decoded === '..';
+}
+
+/**
+ * Splits a raw request target (`/functions/v1/{name}[/rest][?query]`) into the function
+ * name and the target to forward. Refuses (400 bad_path) dot segments in any encoding,
+ * backslashes, and percent-encoding inside the name; an invalid name is 404.
+ */
+export function parseFunctionTarget(target: string): FunctionTarget | GatewayError {
+  const q = target.indexOf('?');
+  const path = q < 0 ? target : target.slice(0, q);
+  if (!path.startsWith(FUNCTIONS_PREFIX)) return new GatewayError('bad_path');
+  // Only visible ASCII: the request line's own grammar (RFC 9112 3.2), and no backslash,
+  // which WHATWG parsers turn into a slash.
+  if (!/^[\x21-\x7e]*$/.test(target) || path.includes('\\')) return new GatewayError('bad_path');
+  const rest = path.slice(FUNCTIONS_PREFIX.length);
+  const slash = rest.indexOf('/');
+  const name = slash < 0 ? rest : rest.slice(0, slash);
+  if (name.includes('%')) return new GatewayError('bad_path', { message: 'The function name must not be percent-encoded.' });
+  if (rest.split('/').some(isDotSegment)) return new GatewayError('bad_path');
+  if (!FUNCTION_NAME.test(name)) return new GatewayError('function_not_found');
+  return { name, target };
+}
+
+export type RouteKind = 'health' | 'ready' | 'metrics' | 'function';
+
+/**
+ * The gateway's route table. Returns the kind of route a request is for, or undefined
+ * (404). Matching is on the URL's pathname; the function route then re-reads the raw target.
+ */
+export function createRouteTable(options: { metrics: boolean }) {
+  const router = IttyRouter<IRequest, [], RouteKind>();
+  router
+    .all('/healthz', () => 'health' as const)
+    .all('/readyz', () => 'ready' as const)
+    .all('/functions/v1/*', () => 'function' as const);
+  if (options.metrics) router.all('/metrics', () => 'metrics' as const);
+  return (request: Request): Promise<RouteKind | undefined> => router.fetch(request as IRequest);
+}
