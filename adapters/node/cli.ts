@@ -1,0 +1,243 @@
+/**
+ * `pgstack`: the command line a user would otherwise replace with psql and jwt.io.
+ * It finds the database and the secret the way `serve` does: environment first, else the
+ * local state folder (`./.pgstack/`).
+ */
+import { parseArgs } from 'node:util';
+import { entryFromRow, FUNCTION_NAME, validateUpstreamUrl, type Role } from '../../core/index.ts';
+import { ConfigError, loadConfig, type NodeConfig } from './config.ts';
+import { listFunctions, removeFunction, upsertFunction } from './functions-repo.ts';
+import { readEmbeddedDatabaseUrl } from './embedded.ts';
+import { createJsonLogger } from './logger.ts';
+import { migrate } from './migrate.ts';
+import { resolveJwtSecret, startGateway } from './serve.ts';
+import { DURATION, mintToken } from './tokens.ts';
+
+const USAGE = `pgstack: polyglot edge functions gateway
+
+Usage:
+  pgstack serve                         run the gateway (embedded database when DATABASE_URL is unset)
+  pgstack migrate                       apply sql/schema.sql (idempotent)
+  pgstack functions add NAME --url URL [--runtime http|deno] [--no-verify-jwt]
+                                        [--timeout-ms N] [--max-body-bytes N]
+  pgstack functions list
+  pgstack functions rm NAME
+  pgstack token --role anon|authenticated|service_role [--sub ID] [--expires-in DURATION]
+  pgstack help
+
+Environment: DATABASE_URL, JWT_SECRET, PGSTACK_DIR (default ./.pgstack) and the rest of the
+configuration table in README.md.`;
+
+/** A mistake in how the command was called: exit 2 with the usage hint. */
+class UsageError extends Error {}
+
+const ROLES: readonly Role[] = ['anon', 'authenticated', 'service_role'];
+
+function positiveInt(flag: string, value: string | undefined): number | null {
+  if (value === undefined) return null;
+  if (!/^\d+$/.test(value) || Number(value) <= 0) throw new UsageError(`${flag} must be a positive whole number, got "${value}"`);
+  return Number(value);
+}
+
+/** The database the CLI talks to: DATABASE_URL, else the embedded one under the state folder. */
+function databaseUrlFor(config: NodeConfig): string {
+  if (config.databaseUrl) return config.databaseUrl;
+  const url = readEmbeddedDatabaseUrl(config.stateDir);
+  if (!url) {
+    throw new ConfigError(`No database: set DATABASE_URL, or run \`npm start\` once so the embedded database exists under ${config.stateDir}/`);
+  }
+  return url;
+}
+
+/** Turns a connection failure into advice instead of a stack trace. */
+function explainDbError(err: unknown, config: NodeConfig): never {
+  const code = (err as { code?: string }).code;
+  if (code === 'ECONNREFUSED' && !config.databaseUrl) {
+    throw new ConfigError('The embedded database is not running: start the gateway (`npm start`) in another terminal, or set DATABASE_URL.');
+  }
+  if (code === 'ECONNREFUSED' || code === 'ENOTFOUND' || code === 'ETIMEDOUT') {
+    throw new ConfigError(`Cannot reach the database (${code}). Check DATABASE_URL.`);
+  }
+  if (code === '42P01' || code === '3F000') {
+    throw new ConfigError('The catalog table does not exist yet: run `pgstack migrate` first.');
+  }
+  throw err;
+}
+
+async function serve(config: NodeConfig): Promise<void> {
+  const log = createJsonLogger(config.logLevel);
+  const running = await startGateway(config, log);
+  let stopping = false;
+  const onSignal = (signal: NodeJS.Signals) => {
+    if (stopping) return;
+    stopping = true;
+    log('info', 'shutting down', { signal, graceMs: config.shutdownGraceMs });
+    running.stop().then(
+      () => process.exit(0),
+      (err) => {
+        log('error', 'shutdown failed', { error: String(err) });
+        process.exit(1);
+      },
+    );
+  };
+  process.on('SIGTERM', onSignal);
+  process.on('SIGINT', onSignal);
+
+  if (running.demo && running.jwtSecret) {
+    const anon = await mintToken(running.jwtSecret, { role: 'anon', expiresIn: '10y', issuer: config.jwtIssuer, audience: config.jwtAudience });
+    const service = await mintToken(running.jwtSecret, { role: 'service_role', expiresIn: '10y', issuer: config.jwtIssuer, audience: config.jwtAudience });
+    const user = await mintToken(running.jwtSecret, {
+      role: 'authenticated',
+      sub: 'demo-user',
+      expiresIn: '7d',
+      issuer: config.jwtIssuer,
+      audience: config.jwtAudience,
+      claims: { email: 'demo@example.com' },
+    });
+    process.stdout.write(`
+pgstack functions proxy is running (embedded database, demo function "hello")
+
+  Gateway       ${running.url}
+  Database      ${running.databaseUrl}
+  Anon key      ${anon}
+  Service key   ${service}
+
+Call the demo function as a signed-in user (token valid 7 days; mint more with \`npx pgstack token\`):
+
+curl -sS -X POST ${running.url}/functions/v1/hello -H "Authorization: Bearer ${user}" -H "Content-Type: application/json" -d '{"hello":"world"}'
+
+`);
+  }
+}
+
+async function functions(config: NodeConfig, args: string[]): Promise<void> {
+  const [sub, ...rest] = args;
+  if (sub === 'add') {
+    const { values, positionals } = parseArgs({
+      args: rest,
+      allowPositionals: true,
+      options: {
+        url: { type: 'string' },
+        runtime: { type: 'string', default: 'http' },
+        'no-verify-jwt': { type: 'boolean', default: false },
+        'timeout-ms': { type: 'string' },
+        'max-body-bytes': { type: 'string' },
+      },
+    });
+    const [name, extra] = positionals;
+    if (!name) throw new UsageError('functions add needs a NAME');
+    if (extra !== undefined) throw new UsageError(`unexpected argument "${extra}"`);
+    if (!FUNCTION_NAME.test(name)) throw new UsageError(`NAME must be letters, digits, - and _ (1..128 characters), got "${name}"`);
+    if (values.runtime !== 'http' && values.runtime !== 'deno') throw new UsageError(`--runtime must be http or deno, got "${values.runtime}"`);
+    if (values.runtime === 'http' && !values.url) throw new UsageError('--url is required for --runtime http (e.g. --url http://my-fn:8000)');
+    if (values.url !== undefined) {
+      const checked = validateUpstreamUrl(values.url);
+      if (!checked.ok) throw new UsageError(`--url is refused: ${checked.reason}`);
+    }
+    const input = {
+      name,
+      runtime: values.runtime,
+      verifyJwt: !values['no-verify-jwt'],
+      upstreamUrl: values.url ?? null,
+      timeoutMs: positiveInt('--timeout-ms', values['timeout-ms']),
+      maxBodyBytes: positiveInt('--max-body-bytes', values['max-body-bytes']),
+    } as const;
+    const databaseUrl = databaseUrlFor(config);
+    const created = await upsertFunction(databaseUrl, input).catch((err) => explainDbError(err, config));
+    process.stdout.write(`${created ? 'added' : 'updated'} ${name} -> ${input.upstreamUrl ?? 'EDGE_RUNTIME_URL'} (verify_jwt ${input.verifyJwt})\n`);
+    return;
+  }
+  if (sub === 'list') {
+    if (rest.length) throw new UsageError(`unexpected argument "${rest[0]}"`);
+    const rows = await listFunctions(databaseUrlFor(config)).catch((err) => explainDbError(err, config));
+    if (rows.length === 0) {
+      process.stdout.write('no functions registered\n');
+      return;
+    }
+    const lines = rows.map((row) => {
+      const entry = entryFromRow(row, { edgeRuntimeUrl: config.edgeRuntimeUrl });
+      const status = 'reason' in entry ? `DROPPED: ${entry.reason}` : 'ok';
+      return [String(row.name), String(row.runtime), row.verify_jwt ? 'yes' : 'no', String(row.upstream_url ?? '-'), status];
+    });
+    const table = [['NAME', 'RUNTIME', 'VERIFY_JWT', 'UPSTREAM', 'STATUS'], ...lines];
+    const widths = table[0]!.map((_, i) => Math.max(...table.map((r) => r[i]!.length)));
+    for (const r of table) process.stdout.write(`${r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]!))).join('  ')}\n`);
+    return;
+  }
+  if (sub === 'rm') {
+    const [name, extra] = rest;
+    if (!name) throw new UsageError('functions rm needs a NAME');
+    if (extra !== undefined) throw new UsageError(`unexpected argument "${extra}"`);
+    const removed = await removeFunction(databaseUrlFor(config), name).catch((err) => explainDbError(err, config));
+    if (!removed) throw new ConfigError(`no function named "${name}"`);
+    process.stdout.write(`removed ${name}\n`);
+    return;
+  }
+  throw new UsageError(sub ? `unknown functions command "${sub}" (add, list, rm)` : 'functions needs a command: add, list or rm');
+}
+
+async function token(config: NodeConfig, args: string[]): Promise<void> {
+  const { values, positionals } = parseArgs({
+    args,
+    allowPositionals: true,
+    options: {
+      role: { type: 'string' },
+      sub: { type: 'string' },
+      'expires-in': { type: 'string', default: '1h' },
+    },
+  });
+  if (positionals.length) throw new UsageError(`unexpected argument "${positionals[0]}"`);
+  const role = values.role as Role | undefined;
+  if (!role || !ROLES.includes(role)) throw new UsageError(`--role must be one of ${ROLES.join(', ')}${values.role ? `, got "${values.role}"` : ''}`);
+  if (role === 'authenticated' && !values.sub) throw new UsageError('--sub is required for --role authenticated (the user id the function sees)');
+  if (role === 'anon' && values.sub) throw new UsageError('--sub does not apply to --role anon (anon callers have no sub)');
+  if (values.sub !== undefined && !/^[\x20-\x7e]{1,256}$/.test(values.sub)) throw new UsageError('--sub must be 1..256 printable ASCII characters');
+  const expiresIn = values['expires-in'];
+  if (!DURATION.test(expiresIn)) throw new UsageError(`--expires-in must be a duration like 30m, 1h, 7d or 3600, got "${expiresIn}"`);
+  const secret = resolveJwtSecret(config, false);
+  if (!secret) throw new ConfigError(`No secret: set JWT_SECRET, or run \`npm start\` once so ${config.stateDir}/jwt-secret exists.`);
+  const jwt = await mintToken(secret, { role, sub: values.sub, expiresIn, issuer: config.jwtIssuer, audience: config.jwtAudience });
+  process.stdout.write(`${jwt}\n`);
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const [command, ...args] = argv;
+  try {
+    if (!command || command === 'help' || command === '--help' || command === '-h') {
+      process.stdout.write(`${USAGE}\n`);
+      return command ? 0 : 2;
+    }
+    const config = loadConfig();
+    switch (command) {
+      case 'serve':
+        if (args.length) throw new UsageError(`serve takes no arguments (configure it with environment variables), got "${args[0]}"`);
+        await serve(config);
+        return -1; // keeps running
+      case 'migrate': {
+        const url = databaseUrlFor(config);
+        await migrate(url).catch((err) => explainDbError(err, config));
+        process.stdout.write('schema applied\n');
+        return 0;
+      }
+      case 'functions':
+        await functions(config, args);
+        return 0;
+      case 'token':
+        await token(config, args);
+        return 0;
+      default:
+        throw new UsageError(`unknown command "${command}"`);
+    }
+  } catch (err) {
+    if (err instanceof UsageError || (err as { code?: string }).code?.startsWith('ERR_PARSE_ARGS')) {
+      process.stderr.write(`pgstack: ${(err as Error).message}\nRun \`pgstack help\` for usage.\n`);
+      return 2;
+    }
+    if (err instanceof ConfigError) {
+      process.stderr.write(`pgstack: ${err.message}\n`);
+      return 1;
+    }
+    process.stderr.write(`pgstack: ${err instanceof Error ? err.message : String(err)}\n`);
+    return 1;
+  }
+}

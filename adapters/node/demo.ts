@@ -1,0 +1,55 @@
+/**
+ * The demo function of the embedded default: examples/functions/hello-node run as a real
+ * child process on 127.0.0.1, registered as `hello`.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+
+const ROOT = fileURLToPath(new URL('../../', import.meta.url));
+const TSX_CLI = `${ROOT}node_modules/tsx/dist/cli.mjs`;
+const SERVER = `${ROOT}examples/functions/hello-node/server.ts`;
+
+export interface DemoFunction {
+  readonly port: number;
+  stop(): Promise<void>;
+}
+
+/** Starts the hello-node example on a free loopback port; rejects with its stderr if it dies. */
+export function startDemoFunction(timeoutMs = 20_000): Promise<DemoFunction> {
+  const child: ChildProcess = spawn(process.execPath, [TSX_CLI, SERVER], {
+    env: { ...process.env, PORT: '0', HOST: '127.0.0.1' },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let stderr = '';
+  child.stderr?.on('data', (d: Buffer) => {
+    stderr = (stderr + d.toString()).slice(-4000);
+  });
+  const stop = () =>
+    new Promise<void>((resolve) => {
+      if (child.exitCode !== null || child.signalCode !== null) return resolve();
+      child.once('exit', () => resolve());
+      child.kill('SIGTERM');
+      setTimeout(() => child.kill('SIGKILL'), 3_000).unref();
+    });
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      void stop();
+      reject(new Error(`demo function did not start within ${timeoutMs} ms: ${stderr}`));
+    }, timeoutMs);
+    let stdout = '';
+    child.stdout?.on('data', (d: Buffer) => {
+      stdout += d.toString();
+      const m = /listening on http:\/\/[^:\s]+:(\d+)/.exec(stdout);
+      if (m) {
+        clearTimeout(timer);
+        child.stdout?.removeAllListeners('data');
+        child.stdout?.resume();
+        resolve({ port: Number(m[1]), stop });
+      }
+    });
+    child.once('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`demo function exited with code ${code}: ${stderr}`));
+    });
+  });
+}

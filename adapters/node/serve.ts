@@ -1,0 +1,169 @@
+/**
+ * The Node host, assembled: config -> database (given or embedded) -> migrate -> live
+ * catalog -> undici forwarder -> core gateway -> node:http listener. Returns a handle so
+ * tests and embedders can run it in-process; `pgstack serve` adds the banner and signals.
+ */
+import type { AddressInfo } from 'node:net';
+import type { Server } from 'node:http';
+import { createGateway, type Gateway, type KeyConfig, type Logger } from '../../core/index.ts';
+import { createPostgresCatalog, type CatalogSource } from './catalog.ts';
+import { ConfigError, type NodeConfig } from './config.ts';
+import { startDemoFunction, type DemoFunction } from './demo.ts';
+import { startEmbeddedPostgres, type EmbeddedPostgres } from './embedded.ts';
+import { createUndiciForwarder, type NodeForwarder } from './forwarder.ts';
+import { createListener } from './listener.ts';
+import { readOrCreateSecret, readSecret } from './local-state.ts';
+import { migrate } from './migrate.ts';
+import { upsertFunction } from './functions-repo.ts';
+
+export interface RunningGateway {
+  readonly url: string;
+  readonly port: number;
+  readonly databaseUrl: string;
+  /** The HS256 secret in use, when there is one (to mint keys). */
+  readonly jwtSecret: string | undefined;
+  /** Set when the embedded default started the demo function. */
+  readonly demo: DemoFunction | undefined;
+  readonly server: Server;
+  readonly gateway: Gateway;
+  readonly catalog: CatalogSource;
+  /** Graceful stop: refuse new work, let in-flight requests finish within the grace period, close everything. */
+  stop(): Promise<void>;
+}
+
+/** Resolves keys the way the CLI does: environment first, else the local state folder. */
+export function resolveJwtSecret(config: NodeConfig, create: boolean): string | undefined {
+  if (config.jwtSecret) return config.jwtSecret;
+  return create ? readOrCreateSecret(config.stateDir) : readSecret(config.stateDir);
+}
+
+export async function startGateway(config: NodeConfig, log: Logger): Promise<RunningGateway> {
+  const cleanups: Array<() => Promise<void>> = [];
+  const cleanup = async () => {
+    for (const fn of cleanups.reverse()) await fn().catch((err) => log('warn', 'cleanup failed', { error: String(err) }));
+  };
+  try {
+    let embedded: EmbeddedPostgres | undefined;
+    let databaseUrl = config.databaseUrl;
+    if (!databaseUrl) {
+      embedded = await startEmbeddedPostgres({ dir: config.stateDir, log });
+      cleanups.push(() => embedded!.stop());
+      databaseUrl = embedded.databaseUrl;
+    }
+
+    // Keys: the environment's, else (embedded default, or a secret already generated
+    // locally) the one under the state folder. A gateway that could verify nothing is a
+    // configuration error, not a silent anon-only gateway.
+    const jwtSecret = resolveJwtSecret(config, !config.databaseUrl);
+    if (!jwtSecret && !config.jwks && !config.jwksUrl) {
+      throw new ConfigError('No verification keys: set JWT_SECRET, JWKS or JWKS_URL (with DATABASE_URL set, no secret is generated).');
+    }
+    const keys: KeyConfig = {
+      jwtSecret,
+      jwks: config.jwks,
+      jwksUrl: config.jwksUrl,
+      issuer: config.jwtIssuer,
+      audience: config.jwtAudience,
+    };
+
+    if (config.migrateOnStart) await migrate(databaseUrl);
+
+    let demo: DemoFunction | undefined;
+    const upstreamHosts = new Map(config.upstreamHosts);
+    if (embedded && config.demo) {
+      demo = await startDemoFunction();
+      cleanups.push(() => demo!.stop());
+      // The demo runs on this machine: map its bare name to loopback explicitly, as an
+      // operator would with UPSTREAM_HOSTS.
+      if (!upstreamHosts.has('hello')) upstreamHosts.set('hello', '127.0.0.1');
+      await upsertFunction(databaseUrl, { name: 'hello', runtime: 'http', verifyJwt: true, upstreamUrl: `http://hello:${demo.port}` });
+    }
+
+    const catalog = createPostgresCatalog({
+      databaseUrl,
+      edgeRuntimeUrl: config.edgeRuntimeUrl,
+      backstopIntervalMs: config.catalogBackstopMs,
+      log,
+    });
+    catalog.start();
+    cleanups.push(() => catalog.stop());
+
+    const forwarder: NodeForwarder = createUndiciForwarder({
+      connectTimeoutMs: config.connectTimeoutMs,
+      headersTimeoutMs: config.headersTimeoutMs,
+      upstreamHosts,
+      log,
+    });
+    cleanups.push(() => forwarder.close());
+
+    const gateway = createGateway(
+      {
+        keys,
+        limits: { maxBodyBytes: config.maxBodyBytes, requestTimeoutMs: config.requestTimeoutMs },
+        trustedProxies: config.trustedProxies,
+        metrics: config.metrics,
+      },
+      {
+        catalog: () => catalog.current(),
+        ready: () => catalog.listening(),
+        forward: forwarder.forward,
+        log,
+        extraMetrics: () => catalogMetrics(catalog),
+      },
+    );
+    await gateway.warm();
+
+    const server = createListener(gateway);
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(config.port, config.host, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
+    const port = (server.address() as AddressInfo).port;
+    const shownHost = config.host === '0.0.0.0' || config.host === '::' ? '127.0.0.1' : config.host.includes(':') ? `[${config.host}]` : config.host;
+    log('info', 'listening', { url: `http://${shownHost}:${port}` });
+
+    let stopping: Promise<void> | undefined;
+    const stop = () => {
+      stopping ??= (async () => {
+        gateway.drain();
+        const closed = new Promise<void>((resolve) => server.close(() => resolve()));
+        server.closeIdleConnections();
+        const grace = new Promise<void>((resolve) => setTimeout(resolve, config.shutdownGraceMs).unref());
+        await Promise.race([closed, grace]);
+        server.closeAllConnections();
+        await cleanup();
+      })();
+      return stopping;
+    };
+
+    return { url: `http://${shownHost}:${port}`, port, databaseUrl, jwtSecret, demo, server, gateway, catalog, stop };
+  } catch (err) {
+    await cleanup();
+    throw err;
+  }
+}
+
+function catalogMetrics(catalog: CatalogSource): string[] {
+  const snapshot = catalog.current();
+  const stats = catalog.stats();
+  return [
+    '# HELP pgstack_catalog_functions Functions in the current catalog snapshot.',
+    '# TYPE pgstack_catalog_functions gauge',
+    `pgstack_catalog_functions ${snapshot?.functions.size ?? 0}`,
+    '# HELP pgstack_catalog_dropped_rows Catalog rows refused at the last load (bad upstream, name or runtime).',
+    '# TYPE pgstack_catalog_dropped_rows gauge',
+    `pgstack_catalog_dropped_rows ${snapshot?.dropped.length ?? 0}`,
+    '# HELP pgstack_catalog_reloads_total Full catalog loads.',
+    '# TYPE pgstack_catalog_reloads_total counter',
+    `pgstack_catalog_reloads_total ${stats.reloads}`,
+    '# HELP pgstack_catalog_reconnects_total Reconnects of the LISTEN connection.',
+    '# TYPE pgstack_catalog_reconnects_total counter',
+    `pgstack_catalog_reconnects_total ${stats.reconnects}`,
+    '# HELP pgstack_catalog_listening Whether the LISTEN connection is up.',
+    '# TYPE pgstack_catalog_listening gauge',
+    `pgstack_catalog_listening ${catalog.listening() ? 1 : 0}`,
+  ];
+}
