@@ -1,0 +1,331 @@
+/**
+ * The live catalog of the Node host (DESIGN section 2): one dedicated connection holds
+ * `LISTEN pgstack_catalog`, and every notification, reconnect or backstop tick reloads the
+ * whole table into a new immutable snapshot, swapped in with one assignment.
+ *
+ * Ordering: LISTEN, then load, on the same session, so a change committed after the load's
+ * snapshot is always followed by a notification. Notifications sent while disconnected are
+ * lost, hence the full reload after every (re)connect.
+ *
+ * Coalescing: at most one reload runs and at most one is queued (a dirty flag). The first
+ * notification after a quiet spell is reloaded at once (no debounce: visible about a
+ * millisecond after its NOTIFY). While notifications keep coming, the next reload waits for
+ * a pacing interval since the previous one started, 10 ms doubling up to 50 ms while the
+ * storm lasts, back to 10 ms after a quiet spell: a change inside a burst is visible within
+ * 10-50 ms plus one load, 1,000 notifications in a second cause about 20 reloads rather than
+ * back-to-back loads of the whole table competing with requests for the event loop.
+ */
+import pg from 'pg';
+import { buildSnapshot, type CatalogRow, type CatalogSnapshot } from '../../core/catalog.ts';
+import type { Logger } from '../../core/log.ts';
+import { CATALOG_CHANNEL, CATALOG_QUERY } from './catalog-sql.ts';
+
+export interface PostgresCatalogOptions {
+  databaseUrl: string;
+  /** Upstream of runtime='deno' rows, passed to buildSnapshot. */
+  edgeRuntimeUrl?: string;
+  /** Periodic full reload guarding against a silently dead listener. Default 60,000. */
+  backstopIntervalMs?: number;
+  /** Reconnect backoff: capped exponential with jitter, from min to max. Defaults 100 and 5,000. */
+  reconnectMinMs?: number;
+  reconnectMaxMs?: number;
+  log: Logger;
+  /** Called after each successful swap (metrics, tests). Exceptions are logged and ignored. */
+  onReload?: (snapshot: CatalogSnapshot) => void;
+}
+
+export interface CatalogSource {
+  /** The last good snapshot; undefined before the first load. */
+  current(): CatalogSnapshot | undefined;
+  /** The LISTEN connection is up. */
+  listening(): boolean;
+  /** Connects in the background, retrying forever with backoff. Never throws; idempotent. */
+  start(): void;
+  /** Resolves at the first successful load; rejects only if stopped before it. */
+  firstLoad(): Promise<CatalogSnapshot>;
+  /** Forces a full reload (coalesced with any pending one); rejects if it fails or nothing is connected. */
+  reloadNow(): Promise<void>;
+  /** Closes the connection and timers. The last snapshot stays readable. */
+  stop(): Promise<void>;
+  /**
+   * reloads: successful swaps; reconnects: times the listener came back after being lost;
+   * notifications: received on the channel; lastError: the latest failure, if any.
+   */
+  stats(): { reloads: number; reconnects: number; notifications: number; lastError?: string };
+}
+
+/** Server-side limit for the load query; the client gives up on any query a little later (half-open TCP). */
+const LOAD_STATEMENT_TIMEOUT_MS = 10_000;
+const LOAD_CLIENT_TIMEOUT_MS = 15_000;
+const CONNECT_TIMEOUT_MS = 5_000;
+const END_TIMEOUT_MS = 2_000;
+/** A connection that lived this long resets the reconnect backoff; shorter ones keep widening it. */
+const STABLE_CONNECTION_MS = 30_000;
+/** Pacing of reloads during a burst of notifications (see the head of this file). */
+const PACING_MIN_MS = 10;
+const PACING_MAX_MS = 50;
+
+const noop = () => {};
+const message = (err: unknown) => (err instanceof Error ? err.message : String(err));
+
+/** Creates the catalog; nothing happens until start(). */
+export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogSource {
+  const { databaseUrl, edgeRuntimeUrl, log, onReload } = options;
+  const backstopIntervalMs = options.backstopIntervalMs ?? 60_000;
+  const reconnectMinMs = options.reconnectMinMs ?? 100;
+  const reconnectMaxMs = Math.max(options.reconnectMaxMs ?? 5_000, reconnectMinMs);
+
+  let snapshot: CatalogSnapshot | undefined;
+  /** The connection holding LISTEN; set only once LISTEN succeeded. */
+  let client: pg.Client | undefined;
+  /** A connection being opened, so stop() can close it too. */
+  let opening: pg.Client | undefined;
+  let started = false;
+  let stopped = false;
+  let connecting = false;
+  let everConnected = false;
+  /** When the current connection's LISTEN succeeded. */
+  let connectedAt = 0;
+  /** The current connection once its first load succeeded: losing it is news, losing a half-made one is a retry. */
+  let established: pg.Client | undefined;
+  /** Consecutive failed attempts and short-lived connections: the backoff exponent. */
+  let retryStreak = 0;
+
+  let dirty = false;
+  let reloadLoop: Promise<void> | undefined;
+  let lastReloadStart = Number.NEGATIVE_INFINITY;
+  let pacing = PACING_MIN_MS;
+
+  let reloads = 0;
+  let reconnects = 0;
+  let notifications = 0;
+  let lastError: string | undefined;
+  let droppedSeen = new Set<string>();
+
+  let backstop: NodeJS.Timeout | undefined;
+  /** Wakers of the pending sleeps (reconnect backoff, burst spacing), for stop(). */
+  const sleepers = new Set<() => void>();
+
+  let resolveFirst!: (snapshot: CatalogSnapshot) => void;
+  let rejectFirst!: (err: Error) => void;
+  const first = new Promise<CatalogSnapshot>((resolve, reject) => {
+    resolveFirst = resolve;
+    rejectFirst = reject;
+  });
+  first.catch(noop); // a host that never awaits firstLoad() must not see an unhandled rejection at stop()
+
+  /** A pause that stop() cuts short. */
+  function sleep(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        sleepers.delete(done);
+        resolve();
+      };
+      const timer = setTimeout(done, ms);
+      timer.unref();
+      sleepers.add(done);
+    });
+  }
+
+  function backoff(attempt: number): number {
+    const ceiling = Math.min(reconnectMaxMs, reconnectMinMs * 2 ** Math.min(attempt, 30));
+    return ceiling / 2 + (Math.random() * ceiling) / 2; // "equal jitter": spread, yet never near zero
+  }
+
+  function logDropped(next: CatalogSnapshot): void {
+    const now = new Set(next.dropped.map((d) => `${d.name}\u0000${d.reason}`));
+    for (const d of next.dropped) {
+      if (!droppedSeen.has(`${d.name}\u0000${d.reason}`)) log('warn', 'catalog row dropped', { name: d.name, reason: d.reason });
+    }
+    droppedSeen = now;
+  }
+
+  /** One full load on the current connection, then the swap. */
+  async function loadOnce(): Promise<void> {
+    const c = client;
+    if (!c) throw new Error('the catalog database is not connected');
+    let rows: CatalogRow[];
+    try {
+      rows = (await c.query<CatalogRow>(CATALOG_QUERY)).rows;
+    } catch (err) {
+      // A failed load on a live connection (statement timeout, missing table, half-open TCP)
+      // goes through the same retry path as a lost connection: reconnect with backoff, LISTEN, load.
+      if (c === client) connectionLost(c, err);
+      throw err;
+    }
+    if (stopped) return;
+    const next = buildSnapshot(rows, { edgeRuntimeUrl });
+    snapshot = next;
+    reloads++;
+    logDropped(next);
+    resolveFirst(next);
+    try {
+      onReload?.(next);
+    } catch (err) {
+      log('error', 'catalog onReload callback threw', { error: message(err) });
+    }
+  }
+
+  /**
+   * Marks the catalog dirty and makes sure a reload loop runs. The loop reloads while dirty,
+   * so a notification that lands during a load (which may have read the table before the
+   * change) gets one more load after it. Resolves when the loop goes idle; rejects with the
+   * error of its last load if that one failed.
+   */
+  function requestReload(): Promise<void> {
+    dirty = true;
+    return (reloadLoop ??= runReloads());
+  }
+
+  async function runReloads(): Promise<void> {
+    try {
+      let failure: unknown;
+      while (dirty && !stopped) {
+        const wait = lastReloadStart + pacing - performance.now();
+        if (wait > 0) {
+          await sleep(wait);
+          pacing = Math.min(pacing * 2, PACING_MAX_MS); // still changing: pace the next one wider
+        } else {
+          pacing = PACING_MIN_MS; // the previous reload is older than the interval: not a burst (any more)
+        }
+        if (stopped) break;
+        dirty = false;
+        lastReloadStart = performance.now();
+        try {
+          await loadOnce();
+          failure = undefined;
+        } catch (err) {
+          failure = err;
+        }
+      }
+      if (failure !== undefined) throw failure;
+    } finally {
+      // Synchronously after the last `dirty` check: a request cannot slip in between.
+      reloadLoop = undefined;
+    }
+  }
+
+  function newClient(): pg.Client {
+    const c = new pg.Client({
+      connectionString: databaseUrl,
+      application_name: 'pgstack-catalog',
+      keepAlive: true,
+      keepAliveInitialDelayMillis: 10_000,
+      connectionTimeoutMillis: CONNECT_TIMEOUT_MS,
+      query_timeout: LOAD_CLIENT_TIMEOUT_MS,
+    });
+    // Listeners stay attached for the client's whole life: pg can still emit 'error' after
+    // end(), and an 'error' event without a listener would crash the process.
+    c.on('error', (err) => connectionLost(c, err));
+    c.on('end', () => connectionLost(c, new Error('connection closed')));
+    c.on('notification', (msg) => {
+      if (c !== client || msg.channel !== CATALOG_CHANNEL) return;
+      notifications++;
+      requestReload().catch(noop); // failures are logged and retried by the reconnect path
+    });
+    return c;
+  }
+
+  async function endClient(c: pg.Client): Promise<void> {
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([c.end().catch(noop), new Promise<void>((resolve) => (timer = setTimeout(resolve, END_TIMEOUT_MS)))]);
+    clearTimeout(timer);
+  }
+
+  function connectionLost(c: pg.Client, err: unknown): void {
+    if (c !== client) return; // an old or not yet established connection: handled where it is awaited
+    client = undefined;
+    lastError = message(err);
+    if (established === c) log('warn', 'catalog listener lost; serving the last good catalog while reconnecting', { error: lastError });
+    void endClient(c);
+    if (performance.now() - connectedAt >= STABLE_CONNECTION_MS) retryStreak = 0;
+    ensureConnecting(true);
+  }
+
+  /** Runs connect() unless it is already running; restarts it if the connection was lost as it finished. */
+  function ensureConnecting(afterLoss: boolean): void {
+    if (stopped || connecting) return;
+    connecting = true;
+    void connect(afterLoss).finally(() => {
+      connecting = false;
+      if (!stopped && !client) ensureConnecting(true);
+    });
+  }
+
+  /**
+   * Connects, LISTENs, loads; retries with backoff until that succeeds or stop(). Never
+   * rejects. After a loss it waits one backoff step first, so a connection that keeps
+   * dying right after it is made (a pooler, a server restarting) cannot spin.
+   */
+  async function connect(afterLoss: boolean): Promise<void> {
+    for (let attempt = 0; !stopped; attempt++) {
+      if (afterLoss || attempt > 0) {
+        await sleep(backoff(retryStreak++));
+        if (stopped) break;
+      }
+      const c = newClient();
+      opening = c;
+      try {
+        await c.connect();
+        // statement_timeout by SET, not as a startup parameter, which poolers such as
+        // PgBouncer refuse; both in one round trip.
+        await c.query(`SET statement_timeout = ${LOAD_STATEMENT_TIMEOUT_MS}; LISTEN ${CATALOG_CHANNEL}`);
+        if (stopped) break;
+        client = c;
+        opening = undefined;
+        connectedAt = performance.now();
+        await requestReload();
+        if (client !== c) throw new Error('connection lost during the first load');
+        established = c;
+        if (everConnected) reconnects++;
+        log('info', everConnected ? 'catalog listener reconnected' : 'catalog listener connected', {
+          attempts: attempt + 1,
+          functions: snapshot?.functions.size,
+          dropped: snapshot?.dropped.length,
+        });
+        everConnected = true;
+        return;
+      } catch (err) {
+        if (client === c) client = undefined;
+        opening = undefined;
+        void endClient(c);
+        if (stopped) return;
+        lastError = message(err);
+        // Every attempt while the database is down would be noise: the first says it, debug for the rest.
+        log(attempt === 0 ? 'warn' : 'debug', 'catalog database unavailable; retrying', { error: lastError, attempt: attempt + 1 });
+      }
+    }
+    if (opening) void endClient(opening);
+    opening = undefined;
+  }
+
+  return {
+    current: () => snapshot,
+    listening: () => client !== undefined,
+    start() {
+      if (started || stopped) return;
+      started = true;
+      ensureConnecting(false);
+      backstop = setInterval(() => {
+        if (client) requestReload().catch(noop);
+      }, backstopIntervalMs);
+      backstop.unref();
+    },
+    firstLoad: () => first,
+    reloadNow: () => (stopped ? Promise.reject(new Error('the catalog is stopped')) : requestReload()),
+    async stop() {
+      if (stopped) return;
+      stopped = true;
+      clearInterval(backstop);
+      for (const wake of [...sleepers]) wake();
+      rejectFirst(new Error('the catalog was stopped before its first load'));
+      const closing = [client, opening].filter((c): c is pg.Client => c !== undefined);
+      client = undefined;
+      opening = undefined;
+      await Promise.all(closing.map(endClient));
+      await reloadLoop?.catch(noop);
+    },
+    stats: () => ({ reloads, reconnects, notifications, ...(lastError !== undefined ? { lastError } : {}) }),
+  };
+}

@@ -1,0 +1,119 @@
+-- pgstack catalog schema (DESIGN section 2).
+--
+-- Change notification
+--   channel: pgstack_catalog
+--   payload: {"op": "INSERT" | "UPDATE" | "DELETE" | "TRUNCATE", "name": <text | null>}
+--            one notification per changed row, sent at commit; "name" is the row's name
+--            (the new name for UPDATE, the old one for DELETE) and null for TRUNCATE.
+--   The gateway reloads the whole catalog on any notification: the payload is for people
+--   and other listeners, not a diff to apply.
+--
+-- Idempotent: safe to apply any number of times, also over the original four-column table
+-- (name, runtime, verify_jwt, upstream_url). `pgstack migrate` and the gateway's start-up
+-- apply it in one transaction under an advisory lock; by hand:
+--   psql "$DATABASE_URL" --single-transaction -f sql/schema.sql
+
+CREATE SCHEMA IF NOT EXISTS pgstack;
+
+CREATE TABLE IF NOT EXISTS pgstack.edge_functions (
+  name           text PRIMARY KEY,
+  runtime        text NOT NULL,
+  verify_jwt     boolean NOT NULL DEFAULT true,
+  upstream_url   text,
+  -- NULL: the gateway's default deadline / body limit.
+  timeout_ms     integer,
+  max_body_bytes bigint,
+  created_at     timestamptz NOT NULL DEFAULT now(),
+  updated_at     timestamptz NOT NULL DEFAULT now()
+);
+
+-- Columns added after the original table; defaults keep the four-column INSERT working.
+ALTER TABLE pgstack.edge_functions
+  ADD COLUMN IF NOT EXISTS timeout_ms integer,
+  ADD COLUMN IF NOT EXISTS max_body_bytes bigint,
+  ADD COLUMN IF NOT EXISTS created_at timestamptz NOT NULL DEFAULT now(),
+  ADD COLUMN IF NOT EXISTS updated_at timestamptz NOT NULL DEFAULT now(),
+  ALTER COLUMN verify_jwt SET DEFAULT true;
+
+-- Named CHECKs, dropped and re-added so a changed rule replaces the old one instead of
+-- piling up beside it. Added NOT VALID and then validated: rows an older table let in
+-- must not make the migration (and so the gateway's start-up) fail. Such rows stay,
+-- with a WARNING, until someone fixes them; the gateway drops them from its catalog,
+-- and every new or updated row is checked.
+DO $migrate$
+DECLARE
+  rule record;
+BEGIN
+  FOR rule IN
+    SELECT * FROM (VALUES
+      ('edge_functions_name_slug',           $c$name ~ '^[A-Za-z0-9_-]{1,128}$'$c$),
+      ('edge_functions_runtime_known',       $c$runtime IN ('deno', 'http')$c$),
+      ('edge_functions_upstream_scheme',     $c$upstream_url IS NULL OR upstream_url ~* '^https?://'$c$),
+      ('edge_functions_http_needs_upstream', $c$runtime <> 'http' OR upstream_url IS NOT NULL$c$),
+      ('edge_functions_timeout_positive',    $c$timeout_ms IS NULL OR timeout_ms > 0$c$),
+      ('edge_functions_body_limit_positive', $c$max_body_bytes IS NULL OR max_body_bytes > 0$c$)
+    ) AS rules(conname, expr)
+  LOOP
+    EXECUTE format('ALTER TABLE pgstack.edge_functions DROP CONSTRAINT IF EXISTS %I', rule.conname);
+    EXECUTE format('ALTER TABLE pgstack.edge_functions ADD CONSTRAINT %I CHECK (%s) NOT VALID', rule.conname, rule.expr);
+    BEGIN
+      EXECUTE format('ALTER TABLE pgstack.edge_functions VALIDATE CONSTRAINT %I', rule.conname);
+    EXCEPTION WHEN check_violation THEN
+      RAISE WARNING 'pgstack.edge_functions holds rows that break % (%); new rows are checked, the gateway drops these until they are fixed',
+        rule.conname, rule.expr;
+    END;
+  END LOOP;
+
+  -- verify_jwt fails closed: an older table may have allowed NULL there.
+  IF EXISTS (SELECT 1 FROM pgstack.edge_functions WHERE verify_jwt IS NULL) THEN
+    UPDATE pgstack.edge_functions SET verify_jwt = true WHERE verify_jwt IS NULL;
+  END IF;
+  ALTER TABLE pgstack.edge_functions ALTER COLUMN verify_jwt SET NOT NULL;
+END
+$migrate$;
+
+-- updated_at follows every UPDATE, whatever the statement sets.
+CREATE OR REPLACE FUNCTION pgstack.touch_updated_at() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+  NEW.updated_at := now();
+  RETURN NEW;
+END
+$fn$;
+
+DROP TRIGGER IF EXISTS pgstack_fn_touch ON pgstack.edge_functions;
+CREATE TRIGGER pgstack_fn_touch
+  BEFORE UPDATE ON pgstack.edge_functions
+  FOR EACH ROW EXECUTE FUNCTION pgstack.touch_updated_at();
+
+-- The notification described at the top of this file. NOTIFY is transactional: listeners
+-- hear it at commit, never for a rolled-back change.
+CREATE OR REPLACE FUNCTION pgstack.notify_catalog_changed() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+DECLARE
+  fn_name text;
+BEGIN
+  -- Branch on TG_OP instead of COALESCE(NEW.name, OLD.name): NEW and OLD are not both
+  -- assigned in every kind of trigger on every server version.
+  IF TG_OP = 'DELETE' THEN
+    fn_name := OLD.name;
+  ELSIF TG_OP IN ('INSERT', 'UPDATE') THEN
+    fn_name := NEW.name;
+  END IF;
+  -- left(): a name from before the slug CHECK could exceed NOTIFY's 8000-byte payload
+  -- limit, which would make the change itself fail.
+  PERFORM pg_notify('pgstack_catalog', json_build_object('op', TG_OP, 'name', left(fn_name, 256))::text);
+  RETURN NULL; -- AFTER trigger: the result is ignored
+END
+$fn$;
+
+DROP TRIGGER IF EXISTS pgstack_fn_changed ON pgstack.edge_functions;
+CREATE TRIGGER pgstack_fn_changed
+  AFTER INSERT OR UPDATE OR DELETE ON pgstack.edge_functions
+  FOR EACH ROW EXECUTE FUNCTION pgstack.notify_catalog_changed();
+
+-- Row triggers do not fire for TRUNCATE.
+DROP TRIGGER IF EXISTS pgstack_fn_changed_truncate ON pgstack.edge_functions;
+CREATE TRIGGER pgstack_fn_changed_truncate
+  AFTER TRUNCATE ON pgstack.edge_functions
+  FOR EACH STATEMENT EXECUTE FUNCTION pgstack.notify_catalog_changed();

@@ -1,0 +1,208 @@
+/**
+ * sql/schema.sql against a real PostgreSQL: idempotence (also over the seed's original
+ * table), the CHECKs, updated_at, and the NOTIFY of the pgstack_fn_changed triggers.
+ */
+import pg from 'pg';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { CATALOG_CHANNEL, migrate } from '../adapters/node/migrate.ts';
+import { createTestDatabase, type TestDatabase } from './support/db.ts';
+
+const SEED_INSERT = `INSERT INTO pgstack.edge_functions (name, runtime, verify_jwt, upstream_url) VALUES ('my-fn', 'http', true, 'http://my-fn:8000');`;
+
+/** Sorted description of the table's shape, to compare before and after a second migration. */
+async function shape(db: TestDatabase) {
+  const columns = await db.sql(
+    `SELECT column_name, data_type, is_nullable, column_default FROM information_schema.columns
+      WHERE table_schema = 'pgstack' AND table_name = 'edge_functions' ORDER BY column_name`,
+  );
+  // PostgreSQL 18 lists NOT NULL in pg_constraint too; those are covered by the columns.
+  const constraints = await db.sql(
+    `SELECT conname, pg_get_constraintdef(oid) AS def, convalidated FROM pg_constraint
+      WHERE conrelid = 'pgstack.edge_functions'::regclass AND contype IN ('c', 'p', 'u', 'f') ORDER BY conname`,
+  );
+  const triggers = await db.sql(
+    `SELECT tgname FROM pg_trigger WHERE tgrelid = 'pgstack.edge_functions'::regclass AND NOT tgisinternal ORDER BY tgname`,
+  );
+  return { columns: columns.rows, constraints: constraints.rows, triggers: triggers.rows.map((r) => r.tgname) };
+}
+
+describe('schema.sql', () => {
+  let db: TestDatabase;
+  beforeAll(async () => {
+    db = await createTestDatabase();
+  });
+  afterAll(async () => {
+    await db?.drop();
+  });
+
+  it('is idempotent: a second and third run change nothing', async () => {
+    const before = await shape(db);
+    await migrate(db.url);
+    await migrate(db.url);
+    expect(await shape(db)).toEqual(before);
+    expect(before.triggers).toEqual(['pgstack_fn_changed', 'pgstack_fn_changed_truncate', 'pgstack_fn_touch']);
+    expect(before.constraints.map((c) => c.conname)).toEqual([
+      'edge_functions_body_limit_positive',
+      'edge_functions_http_needs_upstream',
+      'edge_functions_name_slug',
+      'edge_functions_pkey',
+      'edge_functions_runtime_known',
+      'edge_functions_timeout_positive',
+      'edge_functions_upstream_scheme',
+    ]);
+    expect(before.constraints.every((c) => c.convalidated)).toBe(true);
+  });
+
+  it('survives concurrent migrations (advisory lock)', async () => {
+    await Promise.all([migrate(db.url), migrate(db.url), migrate(db.url), migrate(db.url)]);
+    expect((await shape(db)).triggers).toHaveLength(3);
+  });
+
+  it("accepts the seed's four-column INSERT and fills the defaults", async () => {
+    await db.sql(SEED_INSERT);
+    const { rows } = await db.sql(`SELECT * FROM pgstack.edge_functions WHERE name = 'my-fn'`);
+    expect(rows[0]).toMatchObject({ name: 'my-fn', runtime: 'http', verify_jwt: true, upstream_url: 'http://my-fn:8000', timeout_ms: null, max_body_bytes: null });
+    expect(rows[0].created_at).toBeInstanceOf(Date);
+    expect(rows[0].updated_at).toBeInstanceOf(Date);
+    await db.sql(`DELETE FROM pgstack.edge_functions`);
+  });
+
+  it.each([
+    ['an ftp:// upstream', `('bad-scheme', 'http', 'ftp://x')`, 'edge_functions_upstream_scheme'],
+    ['an upstream without scheme', `('no-scheme', 'http', 'my-fn:8000')`, 'edge_functions_upstream_scheme'],
+    ['an empty upstream', `('empty-url', 'http', '')`, 'edge_functions_upstream_scheme'],
+    ['a name with a slash', `('a/b', 'http', 'http://fn:1')`, 'edge_functions_name_slug'],
+    ['a name with a dot', `('a.b', 'http', 'http://fn:1')`, 'edge_functions_name_slug'],
+    ['an empty name', `('', 'http', 'http://fn:1')`, 'edge_functions_name_slug'],
+    ['a 129-character name', `('${'a'.repeat(129)}', 'http', 'http://fn:1')`, 'edge_functions_name_slug'],
+    ['a name ending in a newline', `(E'fn\\n', 'http', 'http://fn:1')`, 'edge_functions_name_slug'],
+    ['an unknown runtime', `('fn', 'python', 'http://fn:1')`, 'edge_functions_runtime_known'],
+    ["runtime 'http' without upstream", `('fn', 'http', NULL)`, 'edge_functions_http_needs_upstream'],
+  ])('refuses %s', async (_what, values, constraint) => {
+    await expect(db.sql(`INSERT INTO pgstack.edge_functions (name, runtime, upstream_url) VALUES ${values}`)).rejects.toMatchObject({
+      code: '23514',
+      constraint,
+    });
+  });
+
+  it('refuses non-positive timeout_ms and max_body_bytes', async () => {
+    await expect(
+      db.sql(`INSERT INTO pgstack.edge_functions (name, runtime, upstream_url, timeout_ms) VALUES ('t', 'http', 'http://fn:1', 0)`),
+    ).rejects.toMatchObject({ constraint: 'edge_functions_timeout_positive' });
+    await expect(
+      db.sql(`INSERT INTO pgstack.edge_functions (name, runtime, upstream_url, max_body_bytes) VALUES ('t', 'http', 'http://fn:1', -1)`),
+    ).rejects.toMatchObject({ constraint: 'edge_functions_body_limit_positive' });
+  });
+
+  it('accepts HTTP:// and https:// case-insensitively, a 128-character name, deno without upstream', async () => {
+    await db.sql(
+      `INSERT INTO pgstack.edge_functions (name, runtime, upstream_url, timeout_ms, max_body_bytes) VALUES
+        ('upper', 'http', 'HTTP://fn:1', 1000, 1048576),
+        ('tls', 'http', 'HtTpS://fn', NULL, NULL),
+        ('${'A'.repeat(128)}', 'http', 'http://fn:1', NULL, NULL),
+        ('under_score-dash9', 'deno', NULL, NULL, NULL)`,
+    );
+    const { rows } = await db.sql(`SELECT count(*)::int AS n FROM pgstack.edge_functions`);
+    expect(rows[0].n).toBe(4);
+    await db.sql(`DELETE FROM pgstack.edge_functions`);
+  });
+
+  it('moves updated_at on UPDATE and keeps created_at', async () => {
+    await db.sql(SEED_INSERT);
+    const before = (await db.sql(`SELECT created_at, updated_at FROM pgstack.edge_functions WHERE name = 'my-fn'`)).rows[0];
+    await db.sql(`UPDATE pgstack.edge_functions SET verify_jwt = false, updated_at = '2000-01-01' WHERE name = 'my-fn'`);
+    const after = (await db.sql(`SELECT created_at, updated_at FROM pgstack.edge_functions WHERE name = 'my-fn'`)).rows[0];
+    expect(after.created_at).toEqual(before.created_at);
+    expect(after.updated_at.getTime()).toBeGreaterThanOrEqual(before.updated_at.getTime());
+    await db.sql(`DELETE FROM pgstack.edge_functions`);
+  });
+
+  it('notifies pgstack_catalog on INSERT, UPDATE, DELETE and TRUNCATE, at commit only', async () => {
+    const listener = new pg.Client({ connectionString: db.url });
+    listener.on('error', () => {});
+    await listener.connect();
+    const payloads: unknown[] = [];
+    listener.on('notification', (msg) => {
+      if (msg.channel === CATALOG_CHANNEL) payloads.push(JSON.parse(msg.payload ?? 'null'));
+    });
+    await listener.query(`LISTEN ${CATALOG_CHANNEL}`);
+    try {
+      await db.sql(SEED_INSERT);
+      await db.sql(`UPDATE pgstack.edge_functions SET upstream_url = 'http://my-fn:9000' WHERE name = 'my-fn'`);
+      await db.sql(`UPDATE pgstack.edge_functions SET name = 'renamed' WHERE name = 'my-fn'`);
+      await db.sql(`DELETE FROM pgstack.edge_functions WHERE name = 'renamed'`);
+      await db.sql(`INSERT INTO pgstack.edge_functions (name, runtime) VALUES ('d1', 'deno'), ('d2', 'deno')`);
+      await db.sql(`TRUNCATE pgstack.edge_functions`);
+      // A rolled-back change is never announced.
+      await db.sql('BEGIN');
+      await db.sql(`INSERT INTO pgstack.edge_functions (name, runtime) VALUES ('ghost', 'deno')`);
+      await db.sql('ROLLBACK');
+      await db.sql(`INSERT INTO pgstack.edge_functions (name, runtime) VALUES ('last', 'deno')`);
+
+      const expected = [
+        { op: 'INSERT', name: 'my-fn' },
+        { op: 'UPDATE', name: 'my-fn' },
+        { op: 'UPDATE', name: 'renamed' },
+        { op: 'DELETE', name: 'renamed' },
+        { op: 'INSERT', name: 'd1' },
+        { op: 'INSERT', name: 'd2' },
+        { op: 'TRUNCATE', name: null },
+        { op: 'INSERT', name: 'last' },
+      ];
+      await vi.waitFor(() => expect(payloads).toHaveLength(expected.length), { timeout: 5_000, interval: 10 });
+      expect(payloads).toEqual(expected);
+    } finally {
+      await listener.end();
+      await db.sql(`TRUNCATE pgstack.edge_functions`);
+    }
+  });
+});
+
+describe('schema.sql over the seed’s original four-column table', () => {
+  let db: TestDatabase;
+  beforeAll(async () => {
+    db = await createTestDatabase({ migrate: false });
+  });
+  afterAll(async () => {
+    await db?.drop();
+  });
+
+  it('adds the columns, CHECKs and triggers, keeps the rows, and stays idempotent', async () => {
+    await db.sql(`CREATE SCHEMA pgstack`);
+    await db.sql(`CREATE TABLE pgstack.edge_functions (
+      name text PRIMARY KEY,
+      runtime text NOT NULL,
+      verify_jwt boolean NOT NULL DEFAULT true,
+      upstream_url text
+    )`);
+    await db.sql(SEED_INSERT);
+    // A row the new CHECKs refuse: the migration must still pass (the gateway drops the row).
+    await db.sql(`INSERT INTO pgstack.edge_functions VALUES ('legacy.bad', 'http', true, 'ftp://old')`);
+
+    const warnings: string[] = [];
+    await migrate(db.url, { log: (level, message) => level === 'warn' && warnings.push(message) });
+    await migrate(db.url);
+
+    const { rows } = await db.sql(`SELECT name, runtime, verify_jwt, upstream_url, timeout_ms, max_body_bytes, created_at FROM pgstack.edge_functions ORDER BY name`);
+    expect(rows.map((r) => r.name)).toEqual(['legacy.bad', 'my-fn']);
+    expect(rows[1]).toMatchObject({ timeout_ms: null, max_body_bytes: null });
+    expect(rows[1].created_at).toBeInstanceOf(Date);
+    expect(warnings.join('\n')).toMatch(/edge_functions_name_slug/);
+    expect(warnings.join('\n')).toMatch(/edge_functions_upstream_scheme/);
+
+    // New rows are checked even though old ones break the rules.
+    await expect(db.sql(`INSERT INTO pgstack.edge_functions (name, runtime, upstream_url) VALUES ('x', 'http', 'ftp://x')`)).rejects.toMatchObject({
+      code: '23514',
+    });
+    await db.sql(`DELETE FROM pgstack.edge_functions WHERE name = 'my-fn'`);
+    await db.sql(SEED_INSERT);
+
+    // Once fixed, the next migration validates the CHECKs.
+    await db.sql(`DELETE FROM pgstack.edge_functions WHERE name = 'legacy.bad'`);
+    await migrate(db.url);
+    const { rows: constraints } = await db.sql(
+      `SELECT bool_and(convalidated) AS ok, count(*)::int AS n FROM pg_constraint WHERE conrelid = 'pgstack.edge_functions'::regclass AND contype = 'c'`,
+    );
+    expect(constraints[0]).toEqual({ ok: true, n: 6 });
+  });
+});
