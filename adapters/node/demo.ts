@@ -6,7 +6,6 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
-const TSX_CLI = `${ROOT}node_modules/tsx/dist/cli.mjs`;
 const SERVER = `${ROOT}examples/functions/hello-node/server.ts`;
 
 export interface DemoFunction {
@@ -14,9 +13,11 @@ export interface DemoFunction {
   stop(): Promise<void>;
 }
 
+// `node --import tsx` keeps the function one process (the tsx CLI would fork a second one
+// that a SIGTERM to the first does not always reach).
 /** Starts the hello-node example on a free loopback port; rejects with its stderr if it dies. */
 export function startDemoFunction(timeoutMs = 20_000): Promise<DemoFunction> {
-  const child: ChildProcess = spawn(process.execPath, [TSX_CLI, SERVER], {
+  const child: ChildProcess = spawn(process.execPath, ['--import', import.meta.resolve('tsx'), SERVER], {
     env: { ...process.env, PORT: '0', HOST: '127.0.0.1' },
     stdio: ['ignore', 'pipe', 'pipe'],
   });

@@ -1,0 +1,103 @@
+/**
+ * The README's first command, as a newcomer runs it: `npm start` on a fresh state folder
+ * (embedded PostgreSQL, generated secret, demo function), then the curl it prints, run by
+ * a shell exactly as printed. Then SIGTERM: a clean exit 0 with nothing left running.
+ */
+import { spawn, execFile, type ChildProcess } from 'node:child_process';
+import { chmodSync, existsSync, mkdtempSync, rmSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { REPO_ROOT } from './support/processes.ts';
+
+const exec = promisify(execFile);
+let dir: string;
+let child: ChildProcess;
+let stdout = '';
+let stderr = '';
+
+function waitFor(pattern: RegExp, timeoutMs: number): Promise<RegExpMatchArray> {
+  return new Promise((resolve, reject) => {
+    const started = Date.now();
+    const tick = () => {
+      const m = pattern.exec(stdout);
+      if (m) return resolve(m);
+      if (child.exitCode !== null) return reject(new Error(`npm start exited ${child.exitCode}: ${stderr}\n${stdout}`));
+      if (Date.now() - started > timeoutMs) return reject(new Error(`timed out waiting for ${pattern}: ${stderr}\n${stdout}`));
+      setTimeout(tick, 50);
+    };
+    tick();
+  });
+}
+
+beforeAll(() => {
+  dir = mkdtempSync(join(tmpdir(), 'pgstack-start-'));
+  chmodSync(dir, 0o755); // the embedded server runs as the postgres user when we are root
+  child = spawn('npm', ['start'], {
+    cwd: REPO_ROOT,
+    env: { ...process.env, DATABASE_URL: '', JWT_SECRET: '', PGSTACK_DIR: join(dir, 'state'), PORT: '0' },
+    stdio: ['ignore', 'pipe', 'pipe'],
+    detached: true, // its own process group, so cleanup reaches npm's children too
+  });
+  child.stdout!.on('data', (d: Buffer) => (stdout += d.toString()));
+  child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+});
+
+afterAll(async () => {
+  if (child.exitCode === null && child.pid) {
+    try {
+      process.kill(-child.pid, 'SIGKILL');
+    } catch {}
+  }
+  rmSync(dir, { recursive: true, force: true });
+});
+
+describe('npm start on a fresh state folder', () => {
+  it('prints a curl command that, run as printed, returns the demo function answer with the caller identity', async () => {
+    const [curl] = await waitFor(/^curl .+$/m, 90_000);
+    expect(stdout).toMatch(/Database\s+postgres:\/\/\S+/);
+    expect(stdout).toMatch(/Anon key\s+eyJ\S+/);
+    expect(stdout).toMatch(/Service key\s+eyJ\S+/);
+    const { stdout: answer } = await exec('sh', ['-c', curl], { timeout: 15_000 });
+    const echo = JSON.parse(answer) as { function: string; role: string; sub: string; claims: Record<string, unknown>; body: string };
+    expect(echo.function).toBe('hello');
+    expect(echo.role).toBe('authenticated');
+    expect(echo.sub).toBe('demo-user');
+    expect(echo.claims['sub']).toBe('demo-user');
+    expect(echo.body).toBe('{"hello":"world"}');
+    // The state folder holds the data and the secret, secret readable by its owner only.
+    const secret = join(dir, 'state', 'jwt-secret');
+    expect(existsSync(secret)).toBe(true);
+    expect(statSync(secret).mode & 0o077).toBe(0);
+  }, 120_000);
+
+  it('the printed anon key is refused by the demo function (verify_jwt) and the service key accepted', async () => {
+    const url = /Gateway\s+(\S+)/.exec(stdout)![1]!;
+    const anon = /Anon key\s+(\S+)/.exec(stdout)![1]!;
+    const service = /Service key\s+(\S+)/.exec(stdout)![1]!;
+    const refused = await fetch(`${url}/functions/v1/hello`, { headers: { apikey: anon, authorization: `Bearer ${anon}` } });
+    expect(refused.status).toBe(401);
+    expect(((await refused.json()) as { code: string }).code).toBe('credentials_required');
+    const ok = await fetch(`${url}/functions/v1/hello`, { headers: { apikey: service, authorization: `Bearer ${service}` } });
+    expect(ok.status).toBe(200);
+    expect(((await ok.json()) as { role: string }).role).toBe('service_role');
+  });
+
+  it('SIGTERM to the gateway stops it with exit 0, the embedded database and demo function with it', async () => {
+    // The gateway is npm's grandchild (npm -> sh -> node); signal it as an orchestrator would.
+    const { stdout: ps } = await exec('ps', ['-e', '-o', 'pid=,pgid=,args=']);
+    const gateway = ps
+      .split('\n')
+      .map((line) => line.trim().split(/\s+/))
+      .find(([, pgid, ...args]) => Number(pgid) === child.pid && args[0]?.endsWith('node') && args.join(' ').includes('bin/pgstack.js serve'));
+    expect(gateway, ps).toBeDefined();
+    const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+    process.kill(Number(gateway![0]), 'SIGTERM');
+    expect(await exited).toBe(0);
+    expect(stdout).toContain('"msg":"shutting down"');
+    expect(existsSync(join(dir, 'state', 'pgdata', 'postmaster.pid'))).toBe(false);
+    const { stdout: after } = await exec('ps', ['-e', '-o', 'pgid=']);
+    expect(after.split('\n').map(Number)).not.toContain(child.pid);
+  }, 30_000);
+});
