@@ -4,6 +4,7 @@
  */
 import pg from 'pg';
 import type { CatalogRow, Runtime } from '../../core/index.ts';
+import { CATALOG_QUERY } from './catalog-sql.ts';
 
 export interface FunctionInput {
   readonly name: string;
@@ -42,9 +43,7 @@ export function upsertFunction(databaseUrl: string, input: FunctionInput): Promi
 
 export function listFunctions(databaseUrl: string): Promise<CatalogRow[]> {
   return withClient(databaseUrl, async (client) => {
-    const res = await client.query<CatalogRow>(
-      'SELECT name, runtime, verify_jwt, upstream_url, timeout_ms, max_body_bytes FROM pgstack.edge_functions ORDER BY name',
-    );
+    const res = await client.query<CatalogRow>(CATALOG_QUERY);
     return res.rows;
   });
 }

@@ -1,0 +1,129 @@
+/**
+ * `pgstack` as a user runs it (a child process), against a real database and a running
+ * gateway: register a real function, mint a token, invoke it, list, remove; and the
+ * messages and exit codes for bad arguments.
+ */
+import { execFile } from 'node:child_process';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createTestDatabase, type TestDatabase } from './support/db.ts';
+import { eventually, startTestGateway, TEST_SECRET, type TestGateway } from './support/gateway.ts';
+import { REPO_ROOT, startExample, type RunningExample } from './support/processes.ts';
+
+const BIN = join(REPO_ROOT, 'bin', 'pgstack.js');
+let db: TestDatabase;
+let gw: TestGateway;
+let fn: RunningExample;
+
+function pgstack(args: string[], env: Record<string, string> = {}): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    execFile(
+      process.execPath,
+      [BIN, ...args],
+      { cwd: REPO_ROOT, env: { ...process.env, DATABASE_URL: db.url, JWT_SECRET: TEST_SECRET, ...env }, timeout: 30_000 },
+      (err, stdout, stderr) => resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr }),
+    );
+  });
+}
+
+beforeAll(async () => {
+  db = await createTestDatabase();
+  fn = await startExample('python', { HOST: '127.0.0.1' });
+  gw = await startTestGateway(db.url, { UPSTREAM_HOSTS: 'hello-python=127.0.0.1' });
+  await gw.catalog.firstLoad();
+}, 120_000);
+
+afterAll(async () => {
+  await gw?.stop();
+  await fn?.stop();
+  await db?.drop();
+});
+
+describe('pgstack CLI', () => {
+  it('functions add registers a function that a token from `pgstack token` can invoke without a restart', async () => {
+    const add = await pgstack(['functions', 'add', 'hello-python', '--url', `http://hello-python:${fn.port}`]);
+    expect(add.stderr).toBe('');
+    expect(add.code).toBe(0);
+    expect(add.stdout).toContain('added hello-python');
+    await eventually(() => gw.catalog.current()?.functions.has('hello-python') ?? false, 5_000, 5);
+
+    const token = await pgstack(['token', '--role', 'authenticated', '--sub', 'cli-user', '--expires-in', '10m']);
+    expect(token.code).toBe(0);
+    const jwt = token.stdout.trim();
+    expect(jwt).toMatch(/^eyJ[\w-]+\.[\w-]+\.[\w-]+$/);
+
+    const res = await gw.call('/functions/v1/hello-python', { method: 'POST', headers: { authorization: `Bearer ${jwt}` }, body: 'hi' });
+    expect(res.status).toBe(200);
+    const echo = (await res.json()) as { role: string; sub: string; runtime: string; claims: { exp: number; iat: number } };
+    expect(echo).toMatchObject({ role: 'authenticated', sub: 'cli-user', runtime: 'python' });
+    expect(echo.claims.exp - echo.claims.iat).toBe(600);
+  });
+
+  it('functions list shows every row with ok or the reason it is dropped', async () => {
+    await db.sql("INSERT INTO pgstack.edge_functions (name, runtime, upstream_url) VALUES ('sneaky', 'http', 'http://169.254.169.254')");
+    const list = await pgstack(['functions', 'list']);
+    expect(list.code).toBe(0);
+    expect(list.stdout).toMatch(/hello-python\s+http\s+yes\s+http:\/\/hello-python:\d+\s+ok/);
+    expect(list.stdout).toMatch(/sneaky\s+http\s+yes\s+http:\/\/169\.254\.169\.254\s+DROPPED: /);
+  });
+
+  it('functions add --no-verify-jwt makes the function open; running add again updates it', async () => {
+    const add = await pgstack(['functions', 'add', 'hello-python', '--url', `http://hello-python:${fn.port}`, '--no-verify-jwt']);
+    expect(add.code).toBe(0);
+    expect(add.stdout).toContain('updated hello-python');
+    await eventually(() => gw.catalog.current()?.functions.get('hello-python')?.verifyJwt === false, 5_000, 5);
+    const res = await gw.call('/functions/v1/hello-python');
+    expect(res.status).toBe(200);
+    expect(((await res.json()) as { role: string }).role).toBe('anon');
+  });
+
+  it('functions rm removes it (404 next) and a second rm exits 1', async () => {
+    expect((await pgstack(['functions', 'rm', 'hello-python'])).code).toBe(0);
+    await eventually(() => !(gw.catalog.current()?.functions.has('hello-python') ?? true), 5_000, 5);
+    expect((await gw.call('/functions/v1/hello-python')).status).toBe(404);
+    const again = await pgstack(['functions', 'rm', 'hello-python']);
+    expect(again.code).toBe(1);
+    expect(again.stderr).toContain('no function named "hello-python"');
+  });
+
+  it.each([
+    [['functions', 'add', 'x', '--url', 'http://127.0.0.1:80'], /--url is refused: .*dot/],
+    [['functions', 'add', 'x', '--url', 'http://localhost:80'], /--url is refused/],
+    [['functions', 'add', 'bad name!', '--url', 'http://fn:80'], /NAME must be/],
+    [['functions', 'add', 'x'], /--url is required/],
+    [['functions', 'add', 'x', '--url', 'http://fn', '--runtime', 'python'], /--runtime must be http or deno/],
+    [['functions', 'add', 'x', '--url', 'http://fn', '--timeout-ms', '-5'], /--timeout-ms must be a positive whole number|--timeout-ms/],
+    [['functions', 'frobnicate'], /unknown functions command/],
+    [['token'], /--role must be one of/],
+    [['token', '--role', 'postgres'], /--role must be one of .*got "postgres"/],
+    [['token', '--role', 'authenticated'], /--sub is required/],
+    [['token', '--role', 'anon', '--sub', 'x'], /--sub does not apply/],
+    [['token', '--role', 'service_role', '--expires-in', 'soon'], /--expires-in must be a duration/],
+    [['token', '--role', 'service_role', '--bogus'], /Unknown option/],
+    [['nonsense'], /unknown command "nonsense"/],
+  ])('%j exits 2 with a clear message', async (args, message) => {
+    const res = await pgstack(args as string[]);
+    expect(res.code).toBe(2);
+    expect(res.stderr).toMatch(message);
+    expect(res.stderr).not.toMatch(/\n\s+at /); // no stack trace
+  });
+
+  it('a bad environment value exits 1 naming the variable', async () => {
+    const res = await pgstack(['functions', 'list'], { PORT: 'eighty' });
+    expect(res.code).toBe(1);
+    expect(res.stderr).toContain('PORT must be a whole number');
+  });
+
+  it('an unreachable database exits 1 with advice, not a stack trace', async () => {
+    const res = await pgstack(['functions', 'list'], { DATABASE_URL: 'postgres://postgres:x@127.0.0.1:1/postgres' });
+    expect(res.code).toBe(1);
+    expect(res.stderr).toContain('Cannot reach the database');
+  });
+
+  it('migrate is idempotent', async () => {
+    expect((await pgstack(['migrate'])).code).toBe(0);
+    const again = await pgstack(['migrate']);
+    expect(again.code).toBe(0);
+    expect(again.stdout).toContain('schema applied');
+  });
+});
