@@ -97,7 +97,11 @@ describe('npm start on a fresh state folder', () => {
     expect(await exited).toBe(0);
     expect(stdout).toContain('"msg":"shutting down"');
     expect(existsSync(join(dir, 'state', 'pgdata', 'postmaster.pid'))).toBe(false);
-    const { stdout: after } = await exec('ps', ['-e', '-o', 'pgid=']);
-    expect(after.split('\n').map(Number)).not.toContain(child.pid);
+    // Everything it started (postgres and its workers, the demo function) is gone too.
+    const leftovers = async () =>
+      (await exec('ps', ['-e', '-o', 'pgid=,args='])).stdout.split('\n').filter((l) => Number(l.trim().split(/\s+/)[0]) === child.pid);
+    const deadline = Date.now() + 5_000;
+    while ((await leftovers()).length > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+    expect(await leftovers()).toEqual([]);
   }, 30_000);
 });
