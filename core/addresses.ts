@@ -64,11 +64,16 @@ export function parseIp(text: string): { version: 4 | 6; value: bigint } | undef
 
 /** Parses `a.b.c.d/n`, `x::y/n` or a single address. Throws with the offending text. */
 export function parseCidr(text: string): Cidr {
-  const [addr = '', len] = text.trim().split('/');
+  const parts = text.trim().split('/');
+  const [addr = '', len] = parts;
+  if (parts.length > 2) throw new Error(`bad prefix length in "${text}"`);
   const ip = parseIp(addr);
   if (!ip) throw new Error(`not an IP address or CIDR: "${text}"`);
   const width = ip.version === 4 ? 32 : 128;
-  const bits = len === undefined ? width : Number(len);
+  // An IPv4-mapped range in IPv6 notation (::ffff:10.0.0.0/104) counts its prefix over 128
+  // bits; read as a v4 prefix, `::ffff:10.0.0.0/8` would silently mean 10.0.0.0/8.
+  const mappedOffset = ip.version === 4 && addr.includes(':') ? 96 : 0;
+  const bits = len === undefined ? width : Number(len) - mappedOffset;
   if (!Number.isInteger(bits) || bits < 0 || bits > width || (len !== undefined && !/^\d+$/.test(len))) {
     throw new Error(`bad prefix length in "${text}"`);
   }

@@ -85,7 +85,8 @@ export function createRemoteJwks(options: RemoteJwksOptions): RemoteJwks {
 
   async function getKey(header: JWSHeaderParameters, token: FlattenedJWSInput): Promise<CryptoKey | Uint8Array> {
     if (!local) {
-      if (!coolingDown()) await refresh();
+      // Join a fetch in flight (a burst of first requests), else start one unless cooling down.
+      if (inFlight || !coolingDown()) await refresh();
       if (!local) throw new errors.JWKSNoMatchingKey('no JWKS loaded');
     } else if (options.now() - fetchedAt > maxAgeMs && !coolingDown()) {
       void refresh(); // serve the current set; the fresh one applies to later requests
@@ -93,8 +94,10 @@ export function createRemoteJwks(options: RemoteJwksOptions): RemoteJwks {
     try {
       return await local(header, token);
     } catch (err) {
-      if (!(err instanceof errors.JWKSNoMatchingKey) || coolingDown()) throw err;
-      // Unknown kid: the provider may have rotated. One refetch per cooldown window.
+      if (!(err instanceof errors.JWKSNoMatchingKey)) throw err;
+      // Unknown kid: the provider may have rotated. One refetch per cooldown window; requests
+      // arriving while it is in flight wait for it instead of failing.
+      if (!inFlight && coolingDown()) throw err;
       if (!(await refresh())) throw err;
       return local(header, token);
     }

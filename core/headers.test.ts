@@ -1,0 +1,216 @@
+import { describe, expect, it } from 'vitest';
+import { buildUpstreamHeaders, canonicalName, connectionTokens, stripResponseHopByHop, type ForwardedFacts } from './headers.ts';
+import { ANONYMOUS, encodeClaims, type Identity } from './identity.ts';
+
+const USER_CLAIMS = { role: 'authenticated', sub: 'user-1', name: 'Zoë' };
+const USER: Identity = { role: 'authenticated', sub: 'user-1', claims: USER_CLAIMS, claimsHeader: encodeClaims(USER_CLAIMS) };
+const DIRECT: ForwardedFacts = { clientAddress: '203.0.113.7', proto: 'http', host: 'gateway.test', trustForwarded: false };
+const VIA_PROXY: ForwardedFacts = { clientAddress: '10.0.0.2', proto: 'https', host: 'api.example', trustForwarded: true };
+
+function build(pairs: [string, string][], identity: Identity = USER, facts: ForwardedFacts = DIRECT, requestId = 'rid-1'): Headers {
+  const inbound = new Headers();
+  for (const [name, value] of pairs) inbound.append(name, value);
+  return buildUpstreamHeaders(inbound, identity, requestId, facts);
+}
+
+const names = (h: Headers) => [...h.keys()];
+
+describe('canonicalName', () => {
+  const table: [string, string][] = [
+    ['X-Pgstack-Role', 'x-pgstack-role'],
+    ['X_Pgstack_Role', 'x-pgstack-role'],
+    ['x_PGSTACK-role', 'x-pgstack-role'],
+    ['Content-Type', 'content-type'],
+    ['__', '--'],
+    ['', ''],
+  ];
+  for (const [input, expected] of table) it(`${JSON.stringify(input)} -> ${JSON.stringify(expected)}`, () => expect(canonicalName(input)).toBe(expected));
+});
+
+describe('connectionTokens', () => {
+  const table: [string | null, string[]][] = [
+    [null, []],
+    ['', []],
+    ['close', ['close']],
+    ['keep-alive, X-Custom', ['keep-alive', 'x-custom']],
+    ['  Upgrade ,,  X_Pgstack_Role  ,', ['upgrade', 'x-pgstack-role']],
+    ['a,A,a', ['a']],
+  ];
+  for (const [input, expected] of table) {
+    it(`${JSON.stringify(input)} -> ${JSON.stringify(expected)}`, () => expect([...connectionTokens(input)].sort()).toEqual(expected.sort()));
+  }
+});
+
+describe('buildUpstreamHeaders', () => {
+  it('drops every hop-by-hop header (RFC 9110 7.6.1) and the legacy ones', () => {
+    const out = build([
+      ['Connection', 'keep-alive'],
+      ['Keep-Alive', 'timeout=5'],
+      ['Proxy-Connection', 'keep-alive'],
+      ['TE', 'trailers'],
+      ['Trailer', 'x-sum'],
+      ['Transfer-Encoding', 'chunked'],
+      ['Upgrade', 'h2c'],
+      ['HTTP2-Settings', 'AAMAAABkAAQAAP__'],
+      ['Proxy-Authorization', 'Basic eDp5'],
+      ['Proxy-Anything', '1'],
+      ['x-kept', 'yes'],
+    ]);
+    expect(names(out).filter((n) => !n.startsWith('x-'))).toEqual([]);
+    expect(out.get('x-kept')).toBe('yes');
+  });
+
+  it('drops every header named in Connection, in any case or with underscores', () => {
+    const out = build([
+      ['Connection', 'X-Custom, x_other, AUTHORIZATION'],
+      ['x-custom', '1'],
+      ['X-Other', '2'],
+      ['authorization', 'Bearer t'],
+      ['x-kept', 'yes'],
+    ]);
+    expect(out.has('x-custom')).toBe(false);
+    expect(out.has('x-other')).toBe(false);
+    expect(out.has('authorization')).toBe(false);
+    expect(out.get('x-kept')).toBe('yes');
+  });
+
+  it('a Connection header cannot name the identity headers away: they are added after stripping', () => {
+    const out = build([['Connection', 'x-pgstack-role, x-pgstack-sub, x-pgstack-claims, x-request-id, x-forwarded-for']]);
+    expect(out.get('x-pgstack-role')).toBe('authenticated');
+    expect(out.get('x-pgstack-sub')).toBe('user-1');
+    expect(JSON.parse(out.get('x-pgstack-claims') as string)).toEqual(USER_CLAIMS);
+    expect(out.get('x-request-id')).toBe('rid-1');
+    expect(out.get('x-forwarded-for')).toBe('203.0.113.7');
+  });
+
+  it('strips every inbound x-pgstack-* in any case, with _ or -, and sets exactly one of each', () => {
+    const out = build([
+      ['X-Pgstack-Role', 'service_role'],
+      ['x-pgstack-role', 'service_role'],
+      ['X_PGSTACK_ROLE', 'service_role'],
+      ['x-pgstack-sub', 'evil'],
+      ['x_pgstack_claims', '{}'],
+      ['X-Pgstack-Anything', '1'],
+      ['x-pgstack-', '1'],
+    ]);
+    const pgstack = names(out).filter((n) => canonicalName(n).startsWith('x-pgstack-'));
+    expect(pgstack.sort()).toEqual(['x-pgstack-claims', 'x-pgstack-role', 'x-pgstack-sub']);
+    expect(out.get('x-pgstack-role')).toBe('authenticated');
+    expect(out.get('x-pgstack-sub')).toBe('user-1');
+    expect(out.get('x-pgstack-claims')).toBe(USER.claimsHeader);
+  });
+
+  it('anon: role anon, empty sub, no claims header', () => {
+    const out = build([['X-Pgstack-Claims', '{"role":"service_role"}']], ANONYMOUS);
+    expect(out.get('x-pgstack-role')).toBe('anon');
+    expect(out.get('x-pgstack-sub')).toBe('');
+    expect(out.has('x-pgstack-claims')).toBe(false);
+  });
+
+  it('from an untrusted peer, client forwarding headers are replaced by the gateway', () => {
+    const out = build([
+      ['X-Forwarded-For', '198.51.100.9'],
+      ['X-Forwarded-Proto', 'https'],
+      ['X-Forwarded-Host', 'evil.example'],
+      ['X-Forwarded-Port', '1'],
+      ['Forwarded', 'for=198.51.100.9'],
+      ['X-Real-IP', '198.51.100.9'],
+      ['True-Client-IP', '198.51.100.9'],
+      ['CF-Connecting-IP', '198.51.100.9'],
+    ]);
+    expect(out.get('x-forwarded-for')).toBe('203.0.113.7');
+    expect(out.get('x-forwarded-proto')).toBe('http');
+    expect(out.get('x-forwarded-host')).toBe('gateway.test');
+    for (const name of ['x-forwarded-port', 'forwarded', 'x-real-ip', 'true-client-ip', 'cf-connecting-ip']) expect(out.has(name), name).toBe(false);
+  });
+
+  it('without a known client address, X-Forwarded-For is absent rather than the client-supplied one', () => {
+    const out = build([['X-Forwarded-For', '198.51.100.9']], USER, { ...DIRECT, clientAddress: undefined });
+    expect(out.has('x-forwarded-for')).toBe(false);
+  });
+
+  it('from a trusted proxy, the chain is extended and its proto and host kept', () => {
+    const out = build([
+      ['X-Forwarded-For', '198.51.100.9'],
+      ['X-Forwarded-Proto', 'https'],
+      ['X-Forwarded-Host', 'public.example'],
+    ], USER, VIA_PROXY);
+    expect(out.get('x-forwarded-for')).toBe('198.51.100.9, 10.0.0.2');
+    expect(out.get('x-forwarded-proto')).toBe('https');
+    expect(out.get('x-forwarded-host')).toBe('public.example');
+  });
+
+  it('from a trusted proxy, underscore spellings of forwarding headers are still dropped', () => {
+    const out = build([['X_Forwarded_For', '198.51.100.9'], ['x_real_ip', '198.51.100.9']], USER, VIA_PROXY);
+    expect(out.get('x-forwarded-for')).toBe('10.0.0.2');
+    expect(names(out)).not.toContain('x_forwarded_for');
+    expect(names(out)).not.toContain('x_real_ip');
+  });
+
+  it('from a trusted proxy without forwarding headers, the gateway sets them', () => {
+    const out = build([], USER, VIA_PROXY);
+    expect(out.get('x-forwarded-for')).toBe('10.0.0.2');
+    expect(out.get('x-forwarded-proto')).toBe('https');
+    expect(out.get('x-forwarded-host')).toBe('api.example');
+  });
+
+  it('Host and Expect are dropped; X-Request-Id is the gateway-chosen one', () => {
+    const out = build([['Host', 'evil.example'], ['Expect', '100-continue'], ['X-Request-Id', 'client-chosen']], USER, DIRECT, 'gateway-chosen');
+    expect(out.has('host')).toBe(false);
+    expect(out.has('expect')).toBe(false);
+    expect(out.get('x-request-id')).toBe('gateway-chosen');
+  });
+
+  it('end-to-end headers pass through unchanged, repeated values included', () => {
+    const out = build([
+      ['Authorization', 'Bearer abc.def.ghi'],
+      ['apikey', 'key'],
+      ['Content-Type', 'application/json; charset=utf-8'],
+      ['Content-Length', '12'],
+      ['Accept', 'text/html'],
+      ['Accept', 'application/json'],
+      ['Cookie', 'a=1; b=2'],
+      ['X-Custom', 'Mixed Case !#$'],
+    ]);
+    expect(out.get('authorization')).toBe('Bearer abc.def.ghi');
+    expect(out.get('apikey')).toBe('key');
+    expect(out.get('content-type')).toBe('application/json; charset=utf-8');
+    expect(out.get('content-length')).toBe('12');
+    expect(out.get('accept')).toBe('text/html, application/json');
+    expect(out.get('cookie')).toBe('a=1; b=2');
+    expect(out.get('x-custom')).toBe('Mixed Case !#$');
+  });
+
+  it('does not mutate the inbound headers', () => {
+    const inbound = new Headers([['Connection', 'x-a'], ['x-a', '1'], ['x-pgstack-role', 'service_role']]);
+    buildUpstreamHeaders(inbound, USER, 'rid', DIRECT);
+    expect([...inbound]).toEqual([['connection', 'x-a'], ['x-a', '1'], ['x-pgstack-role', 'service_role']]);
+  });
+});
+
+describe('stripResponseHopByHop', () => {
+  it('removes hop-by-hop headers and those named in Connection, keeps the rest and every Set-Cookie', () => {
+    const headers = new Headers([
+      ['Connection', 'X-Foo, close'],
+      ['X-Foo', 'hop'],
+      ['Keep-Alive', 'timeout=5'],
+      ['Transfer-Encoding', 'chunked'],
+      ['Trailer', 'x-sum'],
+      ['Upgrade', 'h2c'],
+      ['Proxy-Authenticate', 'Basic'],
+      ['Content-Type', 'text/plain'],
+      ['Cache-Control', 'no-store'],
+    ]);
+    headers.append('Set-Cookie', 'a=1');
+    headers.append('Set-Cookie', 'b=2');
+    stripResponseHopByHop(headers);
+    expect([...new Set(names(headers))].sort()).toEqual(['cache-control', 'content-type', 'set-cookie']);
+    expect(headers.getSetCookie()).toEqual(['a=1', 'b=2']);
+  });
+
+  it('leaves a response without hop-by-hop headers as it was', () => {
+    const headers = new Headers([['content-type', 'application/json'], ['x-kept', '1']]);
+    stripResponseHopByHop(headers);
+    expect([...headers]).toEqual([['content-type', 'application/json'], ['x-kept', '1']]);
+  });
+});
