@@ -137,3 +137,12 @@ describe('route table', () => {
     expect([...PROXY_METHODS].sort()).toEqual(ALLOW_HEADER.split(', ').sort());
   });
 });
+
+describe('the bare prefix', () => {
+  it('/functions/v1 without a name is 404 function_not_found, not bad_path', () => {
+    for (const target of ['/functions/v1', '/functions/v1?x=1']) {
+      const result = parseFunctionTarget(target);
+      expect(isGatewayError(result) && result.code).toBe('function_not_found');
+    }
+  });
+});

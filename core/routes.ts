@@ -34,6 +34,8 @@ function isDotSegment(segment: string): boolean {
 export function parseFunctionTarget(target: string): FunctionTarget | GatewayError {
   const q = target.indexOf('?');
   const path = q < 0 ? target : target.slice(0, q);
+  if (path === FUNCTIONS_PREFIX.slice(0, -1)) return new GatewayError('function_not_found', { message: 'No function name in the path.' });
+  // The URL said /functions/v1/ but the raw target does not: dot segments were resolved.
   if (!path.startsWith(FUNCTIONS_PREFIX)) return new GatewayError('bad_path');
   // Only visible ASCII: the request line's own grammar (RFC 9112 3.2), and no backslash,
   // which WHATWG parsers turn into a slash.
