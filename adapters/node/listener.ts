@@ -10,8 +10,17 @@
  * stream.pipeline: backpressure from the client reaches the upstream, a failing body
  * destroys the client connection (the client sees a truncated response, never a clean
  * end), and a client that leaves destroys the body (which cancels the upstream exchange).
+ *
+ * Answers given before the request body has arrived (401, 404, 413, an upstream that
+ * answered early): a small body still to come is read and dropped by Node and the
+ * connection stays open for the next request. Otherwise the answer says `Connection:
+ * close` and the connection closes the way nginx's lingering_close does: the answer, then
+ * FIN, while what the client still sends is read and dropped for up to LINGER_MS. Closing
+ * at once with unread data makes the kernel send RST, which can destroy the answer in the
+ * client's receive buffer before the client reads it.
  */
 import { createServer, type IncomingMessage, type OutgoingHttpHeaders, type Server, type ServerResponse } from 'node:http';
+import type { Socket } from 'node:net';
 import { Readable, pipeline } from 'node:stream';
 import type { ReadableStream as NodeWebReadableStream } from 'node:stream/web';
 import { createServerAdapter } from '@whatwg-node/server';
@@ -31,12 +40,17 @@ export interface ListenerOptions {
 
 /** Creates (does not start) the HTTP server for a gateway. */
 export function createListener(gateway: Gateway, options: ListenerOptions = {}): Server {
-  const adapter = createServerAdapter<NodeContext>((request, ctx) =>
-    gateway.fetch(request, {
+  const adapter = createServerAdapter<NodeContext>((request, ctx) => {
+    // A request that asked for an upgrade (Connection: upgrade) leaves Node's parser paused
+    // after it: nothing later on the connection would ever be read. Say so and close it.
+    if (ctx.req.headers.upgrade !== undefined && /(?:^|,)\s*upgrade\s*(?:,|$)/i.test(String(ctx.req.headers.connection ?? ''))) {
+      ctx.res.setHeader('connection', 'close');
+    }
+    return gateway.fetch(request, {
       rawTarget: ctx.req.url,
       clientAddress: ctx.req.socket.remoteAddress,
-    }),
-  );
+    });
+  });
   const server = createServer(
     {
       // Two Authorization (or apikey) headers must reach the core as one joined, invalid
@@ -51,8 +65,11 @@ export function createListener(gateway: Gateway, options: ListenerOptions = {}):
       noDelay: true,
     },
     (req, res) => {
-      Promise.resolve(adapter.handleNodeRequestAndResponse(req, res, { req, res })).then(
-        (response) => sendResponse(response, res),
+      // GET and HEAD bodies are never forwarded (the adapter drops them): no wrapper needed.
+      const body = req.method === 'GET' || req.method === 'HEAD' ? undefined : new RequestBody(req);
+      const source = body ? Object.assign(body, { method: req.method, url: req.url, headers: req.headers, socket: req.socket }) : req;
+      Promise.resolve(adapter.handleNodeRequestAndResponse(source as unknown as IncomingMessage, res, { req, res })).then(
+        (response) => sendResponse(response, req, res, body),
         () => sendInternalError(res),
       );
     },
@@ -65,8 +82,89 @@ export function createListener(gateway: Gateway, options: ListenerOptions = {}):
   return server;
 }
 
+/** Unread request bodies up to this size are drained to keep the connection (Node's default). */
+const DRAIN_LIMIT_BYTES = 256 * 1024;
+/** How long a connection closed with an unread body keeps reading (and dropping) what the client sends. */
+const LINGER_MS = 5_000;
+
+/**
+ * The request body as the core sees it: a Readable fed from the IncomingMessage, with
+ * backpressure. Destroying it (the upstream failed or answered early, the body went over
+ * the limit) stops reading and leaves the connection alone, so the answer that follows
+ * still reaches the client; IncomingMessage.destroy() would destroy the socket, and the
+ * answer with it.
+ */
+class RequestBody extends Readable {
+  /** The core started reading the body. */
+  started = false;
+  private readonly req: IncomingMessage;
+  private readonly onData = (chunk: Buffer): void => {
+    if (!this.push(chunk)) this.req.pause();
+  };
+  private readonly onEnd = (): void => {
+    this.push(null);
+  };
+  private readonly onError = (err: Error): void => {
+    this.destroy(err);
+  };
+  private readonly onClose = (): void => {
+    if (!this.req.complete) this.destroy(new Error('the client closed the connection before the request body was complete'));
+  };
+
+  constructor(req: IncomingMessage) {
+    super({ highWaterMark: 64 * 1024 });
+    this.req = req;
+  }
+
+  override _read(): void {
+    if (!this.started) {
+      this.started = true;
+      this.req.on('data', this.onData);
+      this.req.once('end', this.onEnd);
+      this.req.once('error', this.onError);
+      this.req.once('close', this.onClose);
+    }
+    this.req.resume();
+  }
+
+  override _destroy(err: Error | null, callback: (error?: Error | null) => void): void {
+    this.req.off('data', this.onData);
+    this.req.off('end', this.onEnd);
+    this.req.off('error', this.onError);
+    this.req.off('close', this.onClose);
+    callback(err);
+  }
+}
+
+/**
+ * Whether an answer must close the connection: the request body has not all arrived, and
+ * it is not a small one nobody touched (which Node reads and drops, keeping the connection).
+ * A 413 always closes: the client's body is, by definition, more than the gateway will read.
+ */
+function mustClose(req: IncomingMessage, status: number, body: RequestBody | undefined): boolean {
+  if (req.complete) return false;
+  if (status === 413 || body?.started) return true;
+  const declared = req.headers['content-length'];
+  return declared === undefined || !(Number(declared) <= DRAIN_LIMIT_BYTES);
+}
+
+/**
+ * Replaces what Node does once the last response on a connection is written (destroySoon:
+ * FIN, then destroy) with a lingering close: FIN, keep reading and dropping whatever the
+ * client still sends, destroy when the client closes its side or after LINGER_MS.
+ */
+function lingerOnClose(socket: Socket, req: IncomingMessage): void {
+  socket.destroySoon = function lingeringClose(this: Socket): void {
+    this.end();
+    req.resume();
+    const timer = setTimeout(() => this.destroy(), LINGER_MS);
+    timer.unref();
+    this.once('close', () => clearTimeout(timer));
+  };
+}
+
 /** Writes a fetch Response to a node:http response, streaming its body (see the head of this file). */
-function sendResponse(response: Response, res: ServerResponse): void {
+function sendResponse(response: Response, req: IncomingMessage, res: ServerResponse, requestBody: RequestBody | undefined): void {
   const body = response.body;
   if (res.destroyed || res.writableEnded) {
     // The client left before the answer was ready: release the upstream body.
@@ -80,6 +178,10 @@ function sendResponse(response: Response, res: ServerResponse): void {
   // Each Set-Cookie on its own line: they cannot be joined with commas (RFC 6265 3).
   const cookies = response.headers.getSetCookie();
   if (cookies.length > 0) headers['set-cookie'] = cookies;
+  if (mustClose(req, response.status, requestBody)) {
+    headers['connection'] = 'close';
+    lingerOnClose(req.socket, req);
+  }
   res.writeHead(response.status, response.statusText || undefined, headers);
   if (body === null) {
     res.end();

@@ -91,7 +91,7 @@ export function headerAll(res: RawResponse, name: string): string[] {
 
 export class RawClient {
   readonly socket: net.Socket;
-  private buf = Buffer.alloc(0);
+  private buf: Buffer = Buffer.alloc(0);
   private ended = false;
   /** The socket saw an error (ECONNRESET, ...). */
   error: Error | undefined;
