@@ -326,6 +326,32 @@ export function contractSuite(hostName: string, setup: () => Promise<ContractHos
         await expectGatewayError(await host.request('/functions/v1/secure', { headers: { authorization: `Bearer ${huge}` } }), 'token_too_large');
       });
 
+      it('a credential over 8 KiB on open is 431 too: never read, so never downgraded to anon nor forwarded', async () => {
+        const huge = `eyJ${'a'.repeat(9000)}.eyJ${'b'.repeat(100)}.${'c'.repeat(43)}`;
+        await expectGatewayError(await host.request('/functions/v1/open', { headers: { authorization: `Bearer ${huge}` } }), 'token_too_large');
+        await expectGatewayError(await host.request('/functions/v1/open', { headers: { apikey: huge } }), 'token_too_large');
+      });
+
+      it('two Authorization lines -> 401 ambiguous_credentials on secure, never the first token', async () => {
+        const headers: [string, string][] = [
+          ['Authorization', bearer('user')],
+          ['Authorization', bearer('serviceSub')],
+        ];
+        await expectGatewayError(await host.request('/functions/v1/secure', { headers }), 'ambiguous_credentials');
+        const echo = await readEcho(await host.request('/functions/v1/open', { headers }));
+        expectIdentity(echo, 'anon', '', null);
+      });
+
+      it('two apikey lines -> 401 ambiguous_credentials on secure, also beside a good Bearer', async () => {
+        const headers: [string, string][] = [
+          ['Authorization', bearer('user')],
+          ['apikey', t.jwt['serviceSub'] as string],
+          ['apikey', t.jwt['anon'] as string],
+        ];
+        await expectGatewayError(await host.request('/functions/v1/secure', { headers }), 'ambiguous_credentials');
+        await expectGatewayError(await host.request('/functions/v1/secure', { headers: headers.slice(1) }), 'ambiguous_credentials');
+      });
+
       it('X-Pgstack-Claims decodes to exactly the token claims: non-ASCII, emoji, quotes, backslashes, controls, a long string', async () => {
         const echo = await readEcho(await host.request('/functions/v1/secure', { headers: { authorization: bearer('wild') } }));
         expectIdentity(echo, 'authenticated', 'user-2', t.claims['wild'] as JWTPayload);
@@ -513,6 +539,23 @@ export function contractSuite(hostName: string, setup: () => Promise<ContractHos
         });
       }
 
+      const reverseEscapes = [
+        '/functions/v1/open/../secure',
+        '/functions/v1/open/%2e%2e/secure',
+        '/functions/v1/open/..%2fsecure',
+        '/functions/v1/open/..%2Fsecure',
+        '/functions/v1/open/%2e%2e%2fsecure',
+        '/functions/v1/open/x/..%2f..%2fsecure',
+        '/functions/v1/open/..%5csecure',
+        '/functions/v1/open/..;/secure',
+        '/functions/v1/open/..;x=1/secure',
+      ];
+      for (const path of reverseEscapes) {
+        it(`${path} -> 400 bad_path (an upstream that decodes or strips ;params could resolve it to secure)`, async () => {
+          await expectGatewayError(await host.request(path), 'bad_path');
+        });
+      }
+
       it('PROPFIND -> 405 method_not_allowed with Allow listing the proxied methods', async () => {
         const res = await host.request('/functions/v1/open', { method: 'PROPFIND' });
         const allow = (res.headers.get('allow') ?? '').split(',').map((m) => m.trim());
@@ -530,6 +573,26 @@ export function contractSuite(hostName: string, setup: () => Promise<ContractHos
         expect(echo.method).toBe('OPTIONS');
         expectIdentity(echo, 'anon', '', null);
         expect(echo.headers['origin']).toEqual(['https://app.example']);
+      });
+
+      it('Upgrade: websocket by an anon caller on secure -> 401 first (auth before anything else)', async () => {
+        const upgrade = { connection: 'Upgrade', upgrade: 'websocket', 'sec-websocket-key': 'dGhlIHNhbXBsZSBub25jZQ==', 'sec-websocket-version': '13' };
+        await expectGatewayError(await host.request('/functions/v1/secure', { headers: upgrade }), 'credentials_required');
+        await expectGatewayError(await host.request('/functions/v1/secure', { headers: { ...upgrade, authorization: bearer('expired') } }), 'token_expired');
+      });
+
+      it('Upgrade: websocket by an authorized caller -> 501 upgrade_not_supported, on secure and open', async () => {
+        const upgrade = { connection: 'Upgrade', upgrade: 'websocket', 'sec-websocket-key': 'dGhlIHNhbXBsZSBub25jZQ==', 'sec-websocket-version': '13' };
+        await expectGatewayError(await host.request('/functions/v1/secure', { headers: { ...upgrade, authorization: bearer('user') } }), 'upgrade_not_supported');
+        await expectGatewayError(await host.request('/functions/v1/open', { headers: upgrade }), 'upgrade_not_supported');
+      });
+
+      it('Upgrade: h2c is dropped and the request served as plain HTTP/1.1', async () => {
+        const echo = await readEcho(
+          await host.request('/functions/v1/open/h2c', { headers: { connection: 'Upgrade, HTTP2-Settings', upgrade: 'h2c', 'http2-settings': 'AAMAAABkAARAAAAAAAIAAAAA' } }),
+        );
+        expect(echo.path).toBe('/functions/v1/open/h2c');
+        for (const name of ['upgrade', 'http2-settings']) expect(echo.headers[name], name).toBeUndefined();
       });
 
       it('GET /healthz -> 200', async () => {

@@ -23,7 +23,8 @@ async function echoUpstream(req: ForwardRequest): Promise<Response> {
   const fn = req.path.split('?')[0]?.split('/')[3] ?? '';
   if (fn === 'fails') return new Response('{"own":"error"}', { status: 503, headers: { 'content-type': 'application/json' } });
   // Web Headers merge repeated names into one entry: one array element per entry.
-  const headers: Record<string, string[]> = {};
+  // A null-prototype map: a header named `constructor` or `__proto__` is just a header.
+  const headers: Record<string, string[]> = Object.create(null) as Record<string, string[]>;
   for (const [name, value] of req.headers) (headers[name] ??= []).push(value);
   const claims = req.headers.get('x-pgstack-claims');
   const echo: Echo = {
@@ -424,6 +425,13 @@ describe('core gateway: host-independent behaviour', () => {
               clientAddress: '203.0.113.7',
             });
             expect(res.status).not.toBe(500);
+            // RFC 9112 3.2: a Host that is not host[:port] (random text, two joined) is a 400.
+            const host = headers.get('host');
+            if (host && !/^(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$/.test(host)) {
+              expect(res.status).toBe(400);
+              expect(seen).toHaveLength(0);
+              return;
+            }
             const expected = proven[credentials] as { role: string; sub: string; claims: JWTPayload | null };
             if (fn === 'secure' && expected.role === 'anon') {
               expect(res.status).toBe(401);

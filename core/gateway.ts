@@ -78,6 +78,13 @@ const FAILURE_CODES: Record<ForwardFailure, ConstructorParameters<typeof Gateway
   bad_response: 'upstream_bad_response',
 };
 
+/**
+ * RFC 9112 3.2: a Host that is not `uri-host [":" port]` is a 400. Hosts build the request
+ * URL from it (@whatwg-node: `http://` + Host + target), so a Host carrying `/`, `#`, `@` or
+ * a comma (two Host lines joined) would otherwise pick the route or break URL parsing.
+ */
+const HOST_HEADER = /^(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$/;
+
 /** X-Request-Id kept from the client only when it is a plain token. */
 const REQUEST_ID = /^[A-Za-z0-9._:+=\/-]{1,128}$/;
 
@@ -112,7 +119,9 @@ export function createGateway(config: GatewayConfig, deps: GatewayDeps): Gateway
         return credentials.identity;
       case 'invalid':
         // On an open function a foreign token (a webhook's own) just makes the caller anon.
-        if (open) return ANONYMOUS;
+        // A credential over the size bound is refused everywhere (431): it was never read, so
+        // the caller must not be silently downgraded to anon, nor the huge header forwarded.
+        if (open && credentials.error.code !== 'token_too_large') return ANONYMOUS;
         throw credentials.error;
       case 'none':
         if (!open) throw new GatewayError('credentials_required');
@@ -133,12 +142,14 @@ export function createGateway(config: GatewayConfig, deps: GatewayDeps): Gateway
     if (!fn) throw new GatewayError('function_not_found');
     state.fn = fn.name;
 
+    // Authorize before anything else about the request: an anon caller learns nothing about
+    // a verify_jwt function (not even that it refuses upgrades) beyond its 401.
+    const identity = await authorize(fn, request);
+    state.role = identity.role;
+
     // An upgrade would hand the socket to the function outside this pipeline; websockets
     // are refused. Other upgrade offers (h2c) are dropped as hop-by-hop headers.
     if (/\bwebsocket\b/i.test(request.headers.get('upgrade') ?? '')) throw new GatewayError('upgrade_not_supported');
-
-    const identity = await authorize(fn, request);
-    state.role = identity.role;
 
     const limited = limitBody(request, fn.maxBodyBytes ?? maxBodyBytes);
     if (isGatewayError(limited)) throw limited;
@@ -209,6 +220,8 @@ export function createGateway(config: GatewayConfig, deps: GatewayDeps): Gateway
     let code: string | undefined;
     metrics.requestStarted();
     try {
+      const host = request.headers.get('host');
+      if (host !== null && host !== '' && !HOST_HEADER.test(host)) throw new GatewayError('bad_request', { message: 'The Host header is not a valid host[:port].' });
       const kind = await route(request);
       if (kind === 'function') {
         response = await proxy(request, context, requestId, state);
@@ -224,7 +237,7 @@ export function createGateway(config: GatewayConfig, deps: GatewayDeps): Gateway
         throw new GatewayError('not_found');
       }
     } catch (err) {
-      const error = isGatewayError(err) ? err : new GatewayError('internal_error', { cause: err });
+      const error = isGatewayError(err) ? err : unexpected(request, err);
       code = error.code;
       if (error.status >= 500 || error.code === 'internal_error') {
         log(error.status === 500 ? 'error' : 'warn', error.message, { request_id: requestId, code, cause: describe(error.cause) });
@@ -254,6 +267,20 @@ export function createGateway(config: GatewayConfig, deps: GatewayDeps): Gateway
       draining = true;
     },
   };
+}
+
+/**
+ * An error no stage mapped. A request URL that does not parse (an absolute-form target glued
+ * to the Host by the host's adapter) is the client's fault, 400; anything else is ours, 500.
+ */
+function unexpected(request: Request, err: unknown): GatewayError {
+  let parses = false;
+  try {
+    parses = URL.canParse(request.url);
+  } catch {
+    // a url getter that throws is as unparseable as a bad URL
+  }
+  return parses ? new GatewayError('internal_error', { cause: err }) : new GatewayError('bad_request', { message: 'The request URL does not parse.', cause: err });
 }
 
 function describe(cause: unknown): string | undefined {

@@ -399,9 +399,23 @@ describe('credential sources', () => {
     for (const scheme of ['Bearer', 'bearer', 'BEARER', 'bEaReR']) {
       expectValid(await id().identify(new Headers({ authorization: `${scheme} ${token}` })), 'authenticated', 'user-1');
     }
-    for (const value of [`Basic ${token}`, `Token ${token}`, token, 'Bearer', `Bearer ${token} extra`, `Bearer ${token}, Bearer ${token}`]) {
+    for (const value of [`Basic ${token}`, `Token ${token}`, token, 'Bearer', `Bearer ${token} extra`]) {
       expectInvalid(await id().identify(new Headers({ authorization: value })), 'invalid_token');
     }
+  });
+
+  it('two Authorization or apikey lines (joined with a comma) -> ambiguous_credentials, never the first', async () => {
+    const token = await hs(user());
+    const anonKey = await hs({ role: 'anon', iat: nowSec() });
+    const twice = new Headers();
+    twice.append('authorization', `Bearer ${token}`);
+    twice.append('authorization', `Bearer ${anonKey}`);
+    expectInvalid(await id().identify(twice), 'ambiguous_credentials');
+    expectInvalid(await id().identify(new Headers({ authorization: `Bearer ${token}, Bearer ${token}` })), 'ambiguous_credentials');
+    const keys = new Headers({ authorization: `Bearer ${token}` });
+    keys.append('apikey', anonKey);
+    keys.append('apikey', anonKey);
+    expectInvalid(await id().identify(keys), 'ambiguous_credentials');
   });
 
   it('a credential over 8 KiB -> token_too_large, before any parsing', async () => {

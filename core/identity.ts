@@ -179,6 +179,12 @@ export function createIdentifier(config: KeyConfig, deps: IdentifierDeps): Ident
     if ((authorization?.length ?? 0) > maxTokenBytes || (apikey?.length ?? 0) > maxTokenBytes) {
       return { kind: 'invalid', error: new GatewayError('token_too_large') };
     }
+    // RFC 9110 5.3: repeated header lines are combined with commas (Node's listener with
+    // joinDuplicateHeaders, Headers.append, every fetch runtime). No Bearer token or JWT holds
+    // a comma, so one means two credentials were sent: refuse, never pick one of them.
+    if (authorization?.includes(',') || apikey?.includes(',')) {
+      return { kind: 'invalid', error: new GatewayError('ambiguous_credentials') };
+    }
 
     let bearer: Identity | GatewayError | undefined;
     if (authorization !== null) {

@@ -16,6 +16,8 @@ describe('parseFunctionTarget: accepted targets keep the name and the target byt
     ['/functions/v1/fn/%2e%2e%2e', 'fn'],
     ['/functions/v1/fn?path=../../etc&y=%2e%2e', 'fn'],
     ['/functions/v1/fn?a=\\', 'fn'],
+    ['/functions/v1/fn/a;b=1/c%2Fd%5Ce', 'fn'],
+    ['/functions/v1/fn/..x%2f.x;', 'fn'],
     [`/functions/v1/${'n'.repeat(128)}`, 'n'.repeat(128)],
   ];
   for (const [target, name] of table) {
@@ -47,6 +49,15 @@ describe('parseFunctionTarget: dot segments, backslashes and encoded separators 
     '/functions/v1/fn%2fother',
     '/functions/v1/fn%2Fother',
     '/functions/v1/fn%2f..%2fother',
+    '/functions/v1/fn/..%2f..%2fother',
+    '/functions/v1/fn/..%2Fother',
+    '/functions/v1/fn/x%2f..',
+    '/functions/v1/fn/%2e%2e%2fother',
+    '/functions/v1/fn/..%5cother',
+    '/functions/v1/fn/..;/other',
+    '/functions/v1/fn/..;x=1/other',
+    '/functions/v1/fn/%2e%2e;/other',
+    '/functions/v1/fn/.;x/other',
     '/functions/v1/f%6e',
     '/functions/v1/fn%5cother',
     '/functions/v1/fn/a b',
@@ -83,7 +94,7 @@ describe('parseFunctionTarget: names outside the slug rule -> 404 function_not_f
 
 describe('parseFunctionTarget properties', () => {
   it('never throws, and an accepted target has no dot segment in any encoding and a slug name', () => {
-    const chars = [...'abAB09-_./%2eEfF5cC\\?=& '];
+    const chars = [...'abAB09-_./%2eEfF5cC\\?=&; '];
     const target = fc.string({ unit: fc.constantFrom(...chars), maxLength: 30 }).map((s) => `/functions/v1/${s}`);
     fc.assert(
       fc.property(target, (t) => {
@@ -96,8 +107,8 @@ describe('parseFunctionTarget properties', () => {
         expect(result.name).toMatch(/^[A-Za-z0-9_-]{1,128}$/);
         const path = t.split('?')[0] as string;
         expect(path).not.toContain('\\');
-        for (const segment of path.split('/')) {
-          const decoded = decodeDots(segment);
+        for (const segment of path.split(/\/|%2f|%5c/i)) {
+          const decoded = decodeDots(segment).split(';')[0];
           expect(decoded === '.' || decoded === '..', `segment ${segment}`).toBe(false);
         }
         expect(path.startsWith(`/functions/v1/${result.name}`)).toBe(true);

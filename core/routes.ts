@@ -20,16 +20,29 @@ export interface FunctionTarget {
   readonly target: string;
 }
 
-/** True for `.`, `..` and their percent-encoded spellings (`%2e`, `.%2E`, ...). */
+/**
+ * True for `.`, `..` and every spelling an upstream may resolve as one: percent-encoded
+ * dots (`%2e`, `.%2E`, ...) and a `;params` suffix (`..;x`: Tomcat and Jetty strip path
+ * parameters before resolving dot segments).
+ */
 function isDotSegment(segment: string): boolean {
   const decoded = segment.toLowerCase().replaceAll('%2e', '.');
-  return decoded === '.' || decoded === '..';
+  const bare = decoded.split(';', 1)[0];
+  return bare === '.' || bare === '..';
 }
 
 /**
+ * Segments as an upstream that percent-decodes before routing would see them: `%2F` and
+ * `%5C` are separators too, so `open/..%2fsecure` cannot become `secure` behind the gateway
+ * (all `runtime='deno'` functions share one upstream, which routes by the path).
+ */
+const SEGMENT_SEPARATOR = /\/|%2f|%5c/i;
+
+/**
  * Splits a raw request target (`/functions/v1/{name}[/rest][?query]`) into the function
- * name and the target to forward. Refuses (400 bad_path) dot segments in any encoding,
- * backslashes, and percent-encoding inside the name; an invalid name is 404.
+ * name and the target to forward. Refuses (400 bad_path) dot segments in any encoding
+ * (also between encoded slashes, also with `;params`), backslashes, and percent-encoding
+ * inside the name; an invalid name is 404.
  */
 export function parseFunctionTarget(target: string): FunctionTarget | GatewayError {
   const q = target.indexOf('?');
@@ -44,7 +57,7 @@ export function parseFunctionTarget(target: string): FunctionTarget | GatewayErr
   const slash = rest.indexOf('/');
   const name = slash < 0 ? rest : rest.slice(0, slash);
   if (name.includes('%')) return new GatewayError('bad_path', { message: 'The function name must not be percent-encoded.' });
-  if (rest.split('/').some(isDotSegment)) return new GatewayError('bad_path');
+  if (rest.split(SEGMENT_SEPARATOR).some(isDotSegment)) return new GatewayError('bad_path');
   if (!FUNCTION_NAME.test(name)) return new GatewayError('function_not_found');
   return { name, target };
 }
