@@ -30,6 +30,12 @@ export interface PostgresCatalogOptions {
   reconnectMinMs?: number;
   reconnectMaxMs?: number;
   log: Logger;
+  /**
+   * Runs before the first LISTEN (e.g. applying the schema), retried with the same backoff
+   * as the connection until it succeeds once. The host can then start without waiting for
+   * the database.
+   */
+  prepare?: () => Promise<void>;
   /** Called after each successful swap (metrics, tests). Exceptions are logged and ignored. */
   onReload?: (snapshot: CatalogSnapshot) => void;
 }
@@ -71,6 +77,7 @@ const message = (err: unknown) => (err instanceof Error ? err.message : String(e
 /** Creates the catalog; nothing happens until start(). */
 export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogSource {
   const { databaseUrl, edgeRuntimeUrl, log, onReload } = options;
+  let prepared = options.prepare === undefined;
   const backstopIntervalMs = options.backstopIntervalMs ?? 60_000;
   const reconnectMinMs = options.reconnectMinMs ?? 100;
   const reconnectMaxMs = Math.max(options.reconnectMaxMs ?? 5_000, reconnectMinMs);
@@ -259,14 +266,20 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
    * dying right after it is made (a pooler, a server restarting) cannot spin.
    */
   async function connect(afterLoss: boolean): Promise<void> {
+    let delay = 0;
     for (let attempt = 0; !stopped; attempt++) {
       if (afterLoss || attempt > 0) {
-        await sleep(backoff(retryStreak++));
+        await sleep(delay || backoff(retryStreak++));
         if (stopped) break;
       }
+      delay = 0;
       const c = newClient();
       opening = c;
       try {
+        if (!prepared) {
+          await options.prepare!();
+          prepared = true;
+        }
         await c.connect();
         // statement_timeout by SET, not as a startup parameter, which poolers such as
         // PgBouncer refuse; both in one round trip.
@@ -292,8 +305,13 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
         void endClient(c);
         if (stopped) return;
         lastError = message(err);
-        // Every attempt while the database is down would be noise: the first says it, debug for the rest.
-        log(attempt === 0 ? 'warn' : 'debug', 'catalog database unavailable; retrying', { error: lastError, attempt: attempt + 1 });
+        // One line per failed attempt: the backoff caps the rate at one per reconnectMaxMs.
+        delay = backoff(retryStreak++);
+        log('warn', everConnected ? 'catalog database unavailable; serving the last good catalog, retrying' : 'catalog database unavailable; no catalog yet, retrying', {
+          error: lastError,
+          attempt: attempt + 1,
+          retryInMs: Math.round(delay),
+        });
       }
     }
     if (opening) void endClient(opening);

@@ -1,7 +1,10 @@
 /**
- * The Node host, assembled: config -> database (given or embedded) -> migrate -> live
- * catalog -> undici forwarder -> core gateway -> node:http listener. Returns a handle so
- * tests and embedders can run it in-process; `pgstack serve` adds the banner and signals.
+ * The Node host, assembled: config -> database (given or embedded) -> live catalog
+ * (migrate, LISTEN, load: in the background, retried while the database is down) -> undici
+ * forwarder -> core gateway -> node:http listener. The listener comes up without waiting
+ * for the database; until the first catalog load function calls answer 503
+ * catalog_not_loaded and /readyz 503. Returns a handle so tests and embedders can run it
+ * in-process; `pgstack serve` adds the banner and signals.
  */
 import type { AddressInfo } from 'node:net';
 import type { Server } from 'node:http';
@@ -66,7 +69,11 @@ export async function startGateway(config: NodeConfig, log: Logger): Promise<Run
       audience: config.jwtAudience,
     };
 
-    if (config.migrateOnStart) await migrate(databaseUrl);
+    // The embedded database is ours and up by now: migrate before registering the demo. A
+    // given database may not be up yet: the catalog applies the schema in the background,
+    // retrying, while the listener answers 503 catalog_not_loaded.
+    const migrateNow = config.migrateOnStart && embedded !== undefined;
+    if (migrateNow) await migrate(databaseUrl, { log });
 
     let demo: DemoFunction | undefined;
     const upstreamHosts = new Map(config.upstreamHosts);
@@ -84,6 +91,7 @@ export async function startGateway(config: NodeConfig, log: Logger): Promise<Run
       edgeRuntimeUrl: config.edgeRuntimeUrl,
       backstopIntervalMs: config.catalogBackstopMs,
       log,
+      ...(config.migrateOnStart && !migrateNow ? { prepare: () => migrate(databaseUrl, { log }) } : {}),
     });
     catalog.start();
     cleanups.push(() => catalog.stop());
