@@ -69,7 +69,7 @@ export function createListener(gateway: Gateway, options: ListenerOptions = {}):
       const body = req.method === 'GET' || req.method === 'HEAD' ? undefined : new RequestBody(req);
       const source = body ? Object.assign(body, { method: req.method, url: req.url, headers: req.headers, socket: req.socket }) : req;
       Promise.resolve(adapter.handleNodeRequestAndResponse(source as unknown as IncomingMessage, res, { req, res })).then(
-        (response) => sendResponse(response, req, res, body),
+        (response) => sendResponse(response, req, res, body, !server.listening),
         () => sendInternalError(res),
       );
     },
@@ -164,7 +164,7 @@ function lingerOnClose(socket: Socket, req: IncomingMessage): void {
 }
 
 /** Writes a fetch Response to a node:http response, streaming its body (see the head of this file). */
-function sendResponse(response: Response, req: IncomingMessage, res: ServerResponse, requestBody: RequestBody | undefined): void {
+function sendResponse(response: Response, req: IncomingMessage, res: ServerResponse, requestBody: RequestBody | undefined, shuttingDown: boolean): void {
   const body = response.body;
   if (res.destroyed || res.writableEnded) {
     // The client left before the answer was ready: release the upstream body.
@@ -181,6 +181,10 @@ function sendResponse(response: Response, req: IncomingMessage, res: ServerRespo
   if (mustClose(req, response.status, requestBody)) {
     headers['connection'] = 'close';
     lingerOnClose(req.socket, req);
+  } else if (shuttingDown) {
+    // The server stopped listening (graceful shutdown): an answer finished in the grace
+    // period closes its connection, so server.close() completes as soon as the last one does.
+    headers['connection'] = 'close';
   }
   res.writeHead(response.status, response.statusText || undefined, headers);
   if (body === null) {
