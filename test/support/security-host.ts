@@ -47,8 +47,11 @@ export interface SecurityHost {
   /** Raw bytes on one connection; waits for the close or `waitMs`. */
   raw(bytes: string | Buffer | (string | Buffer)[], options?: { waitMs?: number; pauseMs?: number }): Promise<Exchange>;
   token(role: Role, sub?: string, claims?: Record<string, unknown>): Promise<string>;
-  /** Requests the echo received since the last call (after a short settle). */
-  drain(): Promise<Received[]>;
+  /**
+   * Requests the echo received since the last call, after `settleMs` (default 50) for
+   * anything still in flight. The echo records a request before answering it.
+   */
+  drain(settleMs?: number): Promise<Received[]>;
   /** Starts another gateway over the same catalog with extra env (e.g. TRUSTED_PROXIES). */
   another(env: Record<string, string>): Promise<TestGateway>;
   close(): Promise<void>;
@@ -87,8 +90,8 @@ export async function startSecurityHost(env: Record<string, string> = {}): Promi
     request: (path, init) => sendRequest(gw.port, path, init),
     raw: (bytes, options) => exchange(gw.port, bytes, options),
     token: (role, sub, claims) => gw.token(role, sub, claims),
-    async drain() {
-      await new Promise((r) => setTimeout(r, 50));
+    async drain(settleMs = 50) {
+      if (settleMs > 0) await new Promise((r) => setTimeout(r, settleMs));
       const fresh = echo.received.slice(seen);
       seen = echo.received.length;
       return fresh;
