@@ -595,6 +595,29 @@ export function contractSuite(hostName: string, setup: () => Promise<ContractHos
         for (const name of ['upgrade', 'http2-settings']) expect(echo.headers[name], name).toBeUndefined();
       });
 
+      it('OPTIONS on secure that is not a browser preflight needs credentials like any request', async () => {
+        const preflight = { origin: 'https://app.example', 'access-control-request-method': 'POST' };
+        const cases: [string, RequestInit & { headers: Record<string, string> }][] = [
+          ['no Origin / Access-Control-Request-Method', { method: 'OPTIONS', headers: {} }],
+          ['no Access-Control-Request-Method', { method: 'OPTIONS', headers: { origin: 'https://app.example' } }],
+          ['a body', { method: 'OPTIONS', headers: { ...preflight, 'content-length': '23' }, body: '{"delete":"everything"}' }],
+          ['a chunked body', { method: 'OPTIONS', headers: { ...preflight, 'transfer-encoding': 'chunked' }, body: '5\r\nhello\r\n0\r\n\r\n' }],
+          ['X-HTTP-Method-Override: POST', { method: 'OPTIONS', headers: { ...preflight, 'X-HTTP-Method-Override': 'POST' } }],
+          ['X_HTTP_Method_Override: POST', { method: 'OPTIONS', headers: { ...preflight, X_HTTP_Method_Override: 'POST' } }],
+          ['X-HTTP-Method: DELETE', { method: 'OPTIONS', headers: { ...preflight, 'X-HTTP-Method': 'DELETE' } }],
+          ['X-Method-Override: PUT', { method: 'OPTIONS', headers: { ...preflight, 'X-Method-Override': 'PUT' } }],
+        ];
+        for (const [why, init] of cases) {
+          const res = await host.request('/functions/v1/secure', init);
+          expect(res.status, why).toBe(401);
+          await expectGatewayError(res, 'credentials_required');
+        }
+        // The same with credentials is served.
+        const echo = await readEcho(await host.request('/functions/v1/secure', { method: 'OPTIONS', headers: { authorization: bearer('user') }, body: 'x' }));
+        expect(echo.method).toBe('OPTIONS');
+        expectIdentity(echo, 'authenticated', 'user-1', t.claims['user'] as JWTPayload);
+      });
+
       it('GET /healthz -> 200', async () => {
         const res = await host.request('/healthz');
         expect(res.status).toBe(200);

@@ -11,7 +11,7 @@ import { limitBody } from './body.ts';
 import type { CatalogSnapshot, FunctionEntry } from './catalog.ts';
 import { GatewayError, isGatewayError, toResponse } from './errors.ts';
 import { ForwardError, type ForwardFailure, type Forwarder } from './forwarder.ts';
-import { buildUpstreamHeaders, stripResponseHopByHop } from './headers.ts';
+import { buildUpstreamHeaders, canonicalName, stripResponseHopByHop } from './headers.ts';
 import { ANONYMOUS, createIdentifier, type Identity, type KeyConfig } from './identity.ts';
 import { silentLogger, type Logger } from './log.ts';
 import { Metrics } from './metrics.ts';
@@ -85,6 +85,25 @@ const FAILURE_CODES: Record<ForwardFailure, ConstructorParameters<typeof Gateway
  */
 const HOST_HEADER = /^(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$/;
 
+/** Headers frameworks read as the real method (Express method-override, Symfony, ASP.NET...). */
+const METHOD_OVERRIDE: ReadonlySet<string> = new Set(['x-http-method-override', 'x-http-method', 'x-method-override']);
+
+/**
+ * A browser's CORS preflight (Fetch standard 4.8): OPTIONS with Origin and
+ * Access-Control-Request-Method and no body. Only that skips verify_jwt. An OPTIONS with a
+ * body or a method-override header (any spelling a framework folds to one) is an ordinary
+ * request to a function that may not look at the method, and needs credentials. The body is
+ * judged by its framing headers (Content-Length, Transfer-Encoding), as on the wire: a host
+ * hands every OPTIONS a body stream, empty or not.
+ */
+function isCorsPreflight(request: Request): boolean {
+  const headers = request.headers;
+  if (request.method !== 'OPTIONS' || !headers.has('origin') || !headers.has('access-control-request-method')) return false;
+  if (headers.has('transfer-encoding') || (headers.get('content-length') ?? '0') !== '0') return false;
+  for (const name of headers.keys()) if (METHOD_OVERRIDE.has(canonicalName(name))) return false;
+  return true;
+}
+
 /** X-Request-Id kept from the client only when it is a plain token. */
 const REQUEST_ID = /^[A-Za-z0-9._:+=\/-]{1,128}$/;
 
@@ -111,7 +130,7 @@ export function createGateway(config: GatewayConfig, deps: GatewayDeps): Gateway
   /** Authorize: the function's verify_jwt rule applied to what the credentials proved. */
   async function authorize(fn: FunctionEntry, request: Request): Promise<Identity> {
     // CORS preflight carries no credentials (browsers never send them): never required.
-    const open = !fn.verifyJwt || request.method === 'OPTIONS';
+    const open = !fn.verifyJwt || isCorsPreflight(request);
     const credentials = await identifier.identify(request.headers);
     switch (credentials.kind) {
       case 'valid':
