@@ -4,8 +4,12 @@
  * anything; a canary on another port must receive nothing), and no spelling reaches a
  * verify_jwt=false function's upstream while naming (to any lenient upstream) a verify_jwt one.
  */
+import dns from 'node:dns/promises';
+import os from 'node:os';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import fc from 'fast-check';
+import { isBlockedAddress } from '../../adapters/node/blocked-addresses.ts';
+import { eventually } from '../support/gateway.ts';
 import { FUNCTIONS, readEcho, startSecurityHost, type SecurityHost } from '../support/security-host.ts';
 
 let host: SecurityHost;
@@ -164,4 +168,40 @@ describe('redirects from the upstream', () => {
       expect(host.canary.hits()).toBe(0);
     });
   }
+});
+
+describe('connect-time address checks, end to end', () => {
+  const register = async (name: string, upstream: string) => {
+    await host.db.sql('INSERT INTO pgstack.edge_functions (name, runtime, verify_jwt, upstream_url) VALUES ($1, $2, false, $3)', [name, 'http', upstream]);
+    await eventually(() => host.gw.catalog.current()?.functions.has(name) ?? false, 5_000, 5);
+  };
+
+  it("a bare name the operator did not map, resolving to loopback (this machine's own hostname), is 502 upstream_blocked", async (ctx) => {
+    const name = os.hostname().toLowerCase();
+    const addresses = /^[a-z0-9_][a-z0-9_-]{0,62}$/.test(name) && name !== 'echo' ? await dns.lookup(name, { all: true }).catch(() => []) : [];
+    if (!addresses.some((a) => isBlockedAddress(a.address))) ctx.skip();
+    await register('own-host', `http://${name}:${host.echo.port}`);
+    const res = await host.request('/functions/v1/own-host');
+    expect(res.status).toBe(502);
+    expect(((await res.json()) as { code: string }).code).toBe('upstream_blocked');
+    expect(await host.drain()).toEqual([]);
+  });
+
+  it('rows the validator refuses (IP literals, dotted names, localhost) are 404, never dialled', async () => {
+    for (const [name, upstream] of [
+      ['lit', `http://127.0.0.1:${C}`],
+      ['dec', 'http://2130706433'],
+      ['dotted', `http://canary.local:${C}`],
+      ['loopback-name', `http://localhost:${C}`],
+    ] as const) {
+      await host.db.sql('INSERT INTO pgstack.edge_functions (name, runtime, verify_jwt, upstream_url) VALUES ($1, $2, false, $3)', [name, 'http', upstream]);
+    }
+    await eventually(() => (host.gw.catalog.current()?.dropped.length ?? 0) >= 4, 5_000, 5);
+    for (const name of ['lit', 'dec', 'dotted', 'loopback-name']) {
+      const res = await host.request(`/functions/v1/${name}`);
+      expect(res.status, name).toBe(404);
+      await res.text();
+    }
+    expect(host.canary.hits()).toBe(0);
+  });
 });
