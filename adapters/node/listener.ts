@@ -25,7 +25,7 @@ import type { Socket } from 'node:net';
 import { Readable } from 'node:stream';
 import type { ReadableStream as NodeWebReadableStream } from 'node:stream/web';
 import { createServerAdapter } from '@whatwg-node/server';
-import type { Gateway } from '../../core/index.ts';
+import { GatewayError, toResponse, type Gateway } from '../../core/index.ts';
 
 interface NodeContext {
   req: IncomingMessage;
@@ -69,10 +69,14 @@ export function createListener(gateway: Gateway, options: ListenerOptions = {}):
       // GET and HEAD bodies are never forwarded (the adapter drops them): no wrapper needed.
       const body = req.method === 'GET' || req.method === 'HEAD' ? undefined : new RequestBody(req);
       const source = body ? Object.assign(body, { method: req.method, url: req.url, headers: req.headers, socket: req.socket }) : req;
-      Promise.resolve(adapter.handleNodeRequestAndResponse(source as unknown as IncomingMessage, res, { req, res })).then(
-        (response) => sendResponse(response, req, res, body, !server.listening),
-        () => sendInternalError(res),
-      );
+      Promise.resolve(adapter.handleNodeRequestAndResponse(source as unknown as IncomingMessage, res, { req, res }))
+        .then((response) => sendResponse(response, req, res, body, !server.listening))
+        .catch((err: unknown) => {
+          // The core answers every failure itself; this is the last guard (a header value
+          // Node refuses to write, say): never a hanging response, never an unhandled rejection.
+          if (res.headersSent) res.destroy();
+          else sendResponse(toResponse(new GatewayError('internal_error', { cause: err })), req, res, body, true);
+        });
     },
   );
   // No 'upgrade' listener on purpose: Node then hands upgrade requests to the adapter like
@@ -221,15 +225,6 @@ function pipeBody(body: Readable, res: ServerResponse): void {
   });
   res.on('error', noop);
   body.pipe(res);
-}
-
-function sendInternalError(res: ServerResponse): void {
-  if (res.headersSent) {
-    res.destroy();
-    return;
-  }
-  res.writeHead(500, { 'content-type': 'application/json; charset=utf-8', 'x-relay-error': 'true' });
-  res.end('{"code":"internal_error","message":"Internal gateway error."}');
 }
 
 /** A fetch body as a Node Readable: @whatwg-node bodies wrap one (`.readable`), others are adapted. */
