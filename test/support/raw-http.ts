@@ -62,7 +62,7 @@ export function sendRequest(port: number, path: string, init: RawInit = {}): Pro
       const { response } = parsed;
       const headers = new Headers();
       for (const [name, value] of response.headers) headers.append(name, value);
-      const payload = method === 'HEAD' || NULL_BODY.has(response.status) ? null : response.body;
+      const payload = method === 'HEAD' || NULL_BODY.has(response.status) ? null : new Uint8Array(response.body);
       resolve(new Response(payload, { status: response.status, headers }));
     };
     socket.on('data', (chunk: Buffer) => {
