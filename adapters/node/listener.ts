@@ -168,6 +168,23 @@ function lingerOnClose(socket: Socket, req: IncomingMessage): void {
   };
 }
 
+/**
+ * A small unread body is drained by Node after the answer, keeping the connection; a client
+ * that stops sending it would hold the connection forever (no request timeout applies
+ * then), so the drain gets LINGER_MS.
+ */
+function boundDrain(req: IncomingMessage, res: ServerResponse): void {
+  res.once('finish', () => {
+    if (req.complete) return;
+    const timer = setTimeout(() => {
+      if (!req.complete) req.socket.destroy();
+    }, LINGER_MS);
+    timer.unref();
+    req.once('end', () => clearTimeout(timer));
+    req.socket.once('close', () => clearTimeout(timer));
+  });
+}
+
 /** Writes a fetch Response to a node:http response, streaming its body (see the head of this file). */
 function sendResponse(response: Response, req: IncomingMessage, res: ServerResponse, requestBody: RequestBody | undefined, shuttingDown: boolean): void {
   const body = response.body;
@@ -186,6 +203,8 @@ function sendResponse(response: Response, req: IncomingMessage, res: ServerRespo
   if (mustClose(req, response.status, requestBody)) {
     headers['connection'] = 'close';
     lingerOnClose(req.socket, req);
+  } else if (!req.complete) {
+    boundDrain(req, res);
   } else if (shuttingDown) {
     // The server stopped listening (graceful shutdown): an answer finished in the grace
     // period closes its connection, so server.close() completes as soon as the last one does.

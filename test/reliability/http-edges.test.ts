@@ -173,6 +173,16 @@ describe('a gateway answer given before the body was read', () => {
     });
   }
 
+  it('a small announced body that never arrives does not hold the connection forever', async () => {
+    const client = await RawClient.connect(gw.port);
+    await client.write(requestText('POST', '/functions/v1/locked-fn', { 'content-length': '1000' }, 'only ten b'));
+    const res = await client.read();
+    expect(res.status).toBe(401);
+    const answered = Date.now();
+    await client.waitClosed(10_000); // the drain after an early answer is bounded (5 s)
+    expect(Date.now() - answered).toBeLessThan(8_000);
+  }, 15_000);
+
   it('413 by Content-Length: answered at once, then a clean close announced with Connection: close', async () => {
     const client = await RawClient.connect(gw.port);
     await client.write(requestText('POST', '/functions/v1/open-fn', { 'content-length': String(LIMIT + 1) }));
