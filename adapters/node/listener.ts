@@ -65,20 +65,26 @@ export function createListener(gateway: Gateway, options: ListenerOptions = {}):
       // Streamed chunks (SSE) leave as they are written, not after Nagle's delay.
       noDelay: true,
     },
-    (req, res) => {
-      // GET and HEAD bodies are never forwarded (the adapter drops them): no wrapper needed.
-      const body = req.method === 'GET' || req.method === 'HEAD' ? undefined : new RequestBody(req);
-      const source = body ? Object.assign(body, { method: req.method, url: req.url, headers: req.headers, socket: req.socket }) : req;
-      Promise.resolve(adapter.handleNodeRequestAndResponse(source as unknown as IncomingMessage, res, { req, res }))
-        .then((response) => sendResponse(response, req, res, body, !server.listening))
-        .catch((err: unknown) => {
-          // The core answers every failure itself; this is the last guard (a header value
-          // Node refuses to write, say): never a hanging response, never an unhandled rejection.
-          if (res.headersSent) res.destroy();
-          else sendResponse(toResponse(new GatewayError('internal_error', { cause: err })), req, res, body, true);
-        });
-    },
+    handle,
   );
+  // Expect: 100-continue (RFC 9110 10.1.1): Node would answer 100 before the gateway has
+  // looked at the request, so an anonymous client would upload its whole body to a
+  // verify_jwt function only to get 401. Handling 'checkContinue' ourselves, the 100 goes
+  // out when the core starts reading the body: after routing, lookup and authorization.
+  server.on('checkContinue', handle);
+  function handle(req: IncomingMessage, res: ServerResponse): void {
+    // GET and HEAD bodies are never forwarded (the adapter drops them): no wrapper needed.
+    const body = req.method === 'GET' || req.method === 'HEAD' ? undefined : new RequestBody(req, res);
+    const source = body ? Object.assign(body, { method: req.method, url: req.url, headers: req.headers, socket: req.socket }) : req;
+    Promise.resolve(adapter.handleNodeRequestAndResponse(source as unknown as IncomingMessage, res, { req, res }))
+      .then((response) => sendResponse(response, req, res, body, !server.listening))
+      .catch((err: unknown) => {
+        // The core answers every failure itself; this is the last guard (a header value
+        // Node refuses to write, say): never a hanging response, never an unhandled rejection.
+        if (res.headersSent) res.destroy();
+        else sendResponse(toResponse(new GatewayError('internal_error', { cause: err })), req, res, body, true);
+      });
+  }
   // No 'upgrade' listener on purpose: Node then hands upgrade requests to the adapter like
   // any other, so the core authorizes them and refuses websockets (upgrade_not_supported).
   // Node's default 'clientError' answers malformed framing (conflicting Content-Length /
@@ -99,12 +105,15 @@ const LINGER_MS = 5_000;
  * still reaches the client; IncomingMessage.destroy() would destroy the socket, and the
  * answer with it.
  */
+// Its fields must not be called `req` or `raw`: @whatwg-node/server takes
+// `nodeRequest.raw || nodeRequest.req` as the request to read, which would bypass this wrapper.
 class RequestBody extends Readable {
   /** The core started reading the body. */
   started = false;
-  private readonly req: IncomingMessage;
+  private readonly source: IncomingMessage;
+  private readonly response: ServerResponse;
   private readonly onData = (chunk: Buffer): void => {
-    if (!this.push(chunk)) this.req.pause();
+    if (!this.push(chunk)) this.source.pause();
   };
   private readonly onEnd = (): void => {
     this.push(null);
@@ -113,30 +122,32 @@ class RequestBody extends Readable {
     this.destroy(err);
   };
   private readonly onClose = (): void => {
-    if (!this.req.complete) this.destroy(new Error('the client closed the connection before the request body was complete'));
+    if (!this.source.complete) this.destroy(new Error('the client closed the connection before the request body was complete'));
   };
 
-  constructor(req: IncomingMessage) {
+  constructor(req: IncomingMessage, res: ServerResponse) {
     super({ highWaterMark: 64 * 1024 });
-    this.req = req;
+    this.source = req;
+    this.response = res;
   }
 
   override _read(): void {
     if (!this.started) {
       this.started = true;
-      this.req.on('data', this.onData);
-      this.req.once('end', this.onEnd);
-      this.req.once('error', this.onError);
-      this.req.once('close', this.onClose);
+      if (expectsContinue(this.source)) this.response.writeContinue();
+      this.source.on('data', this.onData);
+      this.source.once('end', this.onEnd);
+      this.source.once('error', this.onError);
+      this.source.once('close', this.onClose);
     }
-    this.req.resume();
+    this.source.resume();
   }
 
   override _destroy(err: Error | null, callback: (error?: Error | null) => void): void {
-    this.req.off('data', this.onData);
-    this.req.off('end', this.onEnd);
-    this.req.off('error', this.onError);
-    this.req.off('close', this.onClose);
+    this.source.off('data', this.onData);
+    this.source.off('end', this.onEnd);
+    this.source.off('error', this.onError);
+    this.source.off('close', this.onClose);
     callback(err);
   }
 }
@@ -146,8 +157,15 @@ class RequestBody extends Readable {
  * it is not a small one nobody touched (which Node reads and drops, keeping the connection).
  * A 413 always closes: the client's body is, by definition, more than the gateway will read.
  */
+function expectsContinue(req: IncomingMessage): boolean {
+  return /^\s*100-continue\s*$/i.test(req.headers.expect ?? '');
+}
+
 function mustClose(req: IncomingMessage, status: number, body: RequestBody | undefined): boolean {
   if (req.complete) return false;
+  // A client still waiting for 100 Continue may or may not send its body after a final
+  // answer; closing is the only framing both sides agree on.
+  if (expectsContinue(req) && !body?.started) return true;
   if (status === 413 || body?.started) return true;
   const declared = req.headers['content-length'];
   return declared === undefined || !(Number(declared) <= DRAIN_LIMIT_BYTES);

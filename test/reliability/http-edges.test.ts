@@ -93,6 +93,28 @@ describe('Expect: 100-continue', () => {
     client.destroy();
   });
 
+  it('an anonymous caller of a verify_jwt function gets 401 without a 100 Continue first, so it never uploads its body', async () => {
+    const client = await RawClient.connect(gw.port);
+    await client.write(requestText('POST', '/functions/v1/locked-fn', { expect: '100-continue', 'content-length': String(512 * 1024) }));
+    const res = await client.read();
+    expect(res.status).toBe(401);
+    expect(expectGatewayErrorBody(res.body.toString()).code).toBe('credentials_required');
+    // The client may or may not send the body now; closing is the only framing both sides agree on.
+    expect(header(res, 'connection')).toBe('close');
+    client.destroy();
+  });
+
+  it('an authorized caller of a verify_jwt function gets 100 Continue, and the body reaches the function', async () => {
+    const client = await RawClient.connect(gw.port);
+    await client.write(requestText('POST', '/functions/v1/locked-fn', { expect: '100-continue', 'content-length': '5', authorization: `Bearer ${userToken}` }));
+    expect((await client.read()).status).toBe(100);
+    await client.write('abcde');
+    const res = await client.read();
+    expect(res.status).toBe(200);
+    expect(JSON.parse(res.body.toString())).toEqual({ method: 'POST', bytes: 5 });
+    client.destroy();
+  });
+
   it('an early answer from the upstream (without reading the body) is relayed', async () => {
     const client = await RawClient.connect(gw.port);
     await client.write(requestText('POST', '/functions/v1/open-fn/early', { expect: '100-continue', 'content-length': String(256 * 1024) }));
