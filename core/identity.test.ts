@@ -298,6 +298,11 @@ describe('time claims', () => {
     expectInvalid(await bearer(id(), await hs(user({ nbf: nowSec() + 60 }))), 'token_not_yet_valid');
   });
 
+  it('exp or nbf of the wrong type is a malformed token (invalid_token), not expired / not yet valid', async () => {
+    expectInvalid(await bearer(id(), await hs(user({ nbf: 'soon' as unknown as number }))), 'invalid_token');
+    expectInvalid(await bearer(id(), await hs(user({ exp: 'later' as unknown as number }))), 'invalid_token');
+  });
+
   it('nbf within the leeway -> valid', async () => {
     expectValid(await bearer(id(), await hs(user({ nbf: nowSec() + 3 }))), 'authenticated', 'user-1');
   });

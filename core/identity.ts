@@ -72,8 +72,12 @@ export function encodeClaims(claims: Readonly<Record<string, unknown>>): string 
 }
 
 function mapJoseError(err: unknown, code: ErrorCode = 'invalid_token'): GatewayError {
-  if (err instanceof errors.JWTExpired) return new GatewayError('token_expired', { cause: err });
-  if (err instanceof errors.JWTClaimValidationFailed && err.claim === 'nbf') return new GatewayError('token_not_yet_valid', { cause: err });
+  // Only a well-formed exp/nbf that fails the clock check is "expired"/"not yet valid"; a
+  // claim of the wrong type (`"nbf": "soon"`) is a malformed token (jose's reason 'invalid').
+  if (err instanceof errors.JWTExpired && err.reason === 'check_failed') return new GatewayError('token_expired', { cause: err });
+  if (err instanceof errors.JWTClaimValidationFailed && err.claim === 'nbf' && err.reason === 'check_failed') {
+    return new GatewayError('token_not_yet_valid', { cause: err });
+  }
   return new GatewayError(code, { cause: err });
 }
 

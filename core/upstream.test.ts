@@ -3,6 +3,8 @@ import fc from 'fast-check';
 import { validateUpstreamUrl, type UpstreamTarget } from './upstream.ts';
 
 const REFUSED: [label: string, raw: unknown][] = [
+  ['empty path segment (scheme-relative request line)', 'http://fn:8000//x'],
+  ['empty segment inside the base path', 'http://fn:8000/a//b'],
   ['dotted IPv4 loopback', 'http://127.0.0.1'],
   ['decimal IPv4', 'http://2130706433'],
   ['hex-dotted IPv4', 'http://0x7f.1'],

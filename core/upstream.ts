@@ -93,6 +93,9 @@ export function validateUpstreamUrl(raw: unknown): UpstreamValidation {
   const rawPath = parts.rest;
   if (rawPath !== '' && rawPath !== url.pathname) return fail('upstream_url path is rewritten by the URL parser (dot segments or encoding)');
   if (/\/\.\.?(?:\/|$)/.test(rawPath) || /%2e|%2f|%5c/i.test(rawPath)) return fail('upstream_url path has dot segments or encoded separators');
+  // `//x` as a base path would make the request line `GET //x/functions/...`, which some
+  // servers read as a scheme-relative URL naming host `x`.
+  if (rawPath.includes('//')) return fail('upstream_url path has an empty segment (//)');
 
   const protocol = url.protocol;
   const port = url.port === '' ? (protocol === 'https:' ? 443 : 80) : Number(url.port);
