@@ -21,22 +21,20 @@ export interface FunctionTarget {
 }
 
 /**
- * True for `.`, `..` and every spelling an upstream may resolve as one: percent-encoded
- * dots (`%2e`, `.%2E`, ...) and a `;params` suffix (`..;x`: Tomcat and Jetty strip path
- * parameters before resolving dot segments).
+ * True when the path, as an upstream that percent-decodes once before routing would see
+ * it, has a `.` or `..` segment. After decoding, `/` and `\` separate segments (so
+ * `open/..%2fsecure` is caught), and a segment ends at `;` (Tomcat and Jetty strip path
+ * parameters: `..;x`, `..%3bx`), at NUL (C servers truncate there) and at `?`/`#`. All
+ * `runtime='deno'` functions share one upstream that routes by the path, so a target that
+ * reads as another function's behind the gateway must never leave it.
  */
-function isDotSegment(segment: string): boolean {
-  const decoded = segment.toLowerCase().replaceAll('%2e', '.');
-  const bare = decoded.split(';', 1)[0];
-  return bare === '.' || bare === '..';
+function hasDotSegment(rest: string): boolean {
+  const decoded = rest.replace(/%([0-9a-fA-F]{2})/g, (_, hex: string) => String.fromCharCode(parseInt(hex, 16)));
+  return decoded.split(/[/\\]/).some((segment) => {
+    const bare = segment.split(/[;\0?#]/, 1)[0];
+    return bare === '.' || bare === '..';
+  });
 }
-
-/**
- * Segments as an upstream that percent-decodes before routing would see them: `%2F` and
- * `%5C` are separators too, so `open/..%2fsecure` cannot become `secure` behind the gateway
- * (all `runtime='deno'` functions share one upstream, which routes by the path).
- */
-const SEGMENT_SEPARATOR = /\/|%2f|%5c/i;
 
 /**
  * Splits a raw request target (`/functions/v1/{name}[/rest][?query]`) into the function
@@ -57,7 +55,7 @@ export function parseFunctionTarget(target: string): FunctionTarget | GatewayErr
   const slash = rest.indexOf('/');
   const name = slash < 0 ? rest : rest.slice(0, slash);
   if (name.includes('%')) return new GatewayError('bad_path', { message: 'The function name must not be percent-encoded.' });
-  if (rest.split(SEGMENT_SEPARATOR).some(isDotSegment)) return new GatewayError('bad_path');
+  if (hasDotSegment(rest)) return new GatewayError('bad_path');
   if (!FUNCTION_NAME.test(name)) return new GatewayError('function_not_found');
   return { name, target };
 }
