@@ -29,6 +29,8 @@ export interface FunctionTarget {
  * reads as another function's behind the gateway must never leave it.
  */
 function hasDotSegment(rest: string): boolean {
+  // No `.` and no escape: no segment can decode to a dot segment (the common case).
+  if (!rest.includes('.') && !rest.includes('%')) return false;
   const decoded = rest.replace(/%([0-9a-fA-F]{2})/g, (_, hex: string) => String.fromCharCode(parseInt(hex, 16)));
   return decoded.split(/[/\\]/).some((segment) => {
     const bare = segment.split(/[;\0?#]/, 1)[0];
@@ -65,6 +67,8 @@ export type RouteKind = 'health' | 'ready' | 'metrics' | 'function';
 /**
  * The gateway's route table. Returns the kind of route a request is for, or undefined
  * (404). Matching is on the URL's pathname; the function route then re-reads the raw target.
+ * itty-router gets the method and the URL without its query: the pathname is the same, and
+ * it then neither parses a query nobody reads nor writes `query`/`params` onto the Request.
  */
 export function createRouteTable(options: { metrics: boolean }) {
   const router = IttyRouter<IRequest, [], RouteKind>();
@@ -73,5 +77,9 @@ export function createRouteTable(options: { metrics: boolean }) {
     .all('/readyz', () => 'ready' as const)
     .all('/functions/v1/*', () => 'function' as const);
   if (options.metrics) router.all('/metrics', () => 'metrics' as const);
-  return (request: Request): Promise<RouteKind | undefined> => router.fetch(request as IRequest);
+  return (request: Request): Promise<RouteKind | undefined> => {
+    const url = request.url;
+    const q = url.indexOf('?');
+    return router.fetch({ method: request.method, url: q < 0 ? url : url.slice(0, q) } as IRequest);
+  };
 }
