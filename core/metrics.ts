@@ -18,6 +18,19 @@ export class Metrics {
   private durationCount = 0;
   private inflight = 0;
 
+  /** Label strings per function and status class, built once (names come from the catalog). */
+  private readonly labelCache = new Map<string, string[]>();
+
+  private labels(fn: string, status: number): string {
+    const statusClass = Math.floor(status / 100);
+    let byClass = this.labelCache.get(fn);
+    if (byClass === undefined) {
+      byClass = [];
+      this.labelCache.set(fn, byClass);
+    }
+    return (byClass[statusClass] ??= `function="${escapeLabel(fn)}",status="${statusClass}xx"`);
+  }
+
   requestStarted(): void {
     this.inflight++;
   }
@@ -25,7 +38,7 @@ export class Metrics {
   /** Records one finished request (status as sent, duration until the response head). */
   requestFinished(fn: string, status: number, seconds: number, code?: string): void {
     this.inflight--;
-    const key = `function="${escapeLabel(fn)}",status="${Math.floor(status / 100)}xx"`;
+    const key = this.labels(fn, status);
     this.requests.set(key, (this.requests.get(key) ?? 0) + 1);
     if (code) this.errors.set(code, (this.errors.get(code) ?? 0) + 1);
     this.durationSum += seconds;
