@@ -11,7 +11,8 @@ export interface LimitedBody {
   exceeded(): boolean;
 }
 
-const NONE: LimitedBody = { body: null, exceeded: () => false };
+const never = (): boolean => false;
+const NONE: LimitedBody = { body: null, exceeded: never };
 
 /** Returns the body to forward, or a 413/400 GatewayError. Never reads the body. */
 export function limitBody(request: Request, limit: number): LimitedBody | GatewayError {
@@ -23,7 +24,7 @@ export function limitBody(request: Request, limit: number): LimitedBody | Gatewa
   const body = request.body;
   if (body === null) return NONE;
   // With a valid Content-Length the server already stops at that many bytes.
-  if (declared !== null) return { body, exceeded: () => false };
+  if (declared !== null) return { body, exceeded: never };
   let seen = 0;
   let over = false;
   const counted = body.pipeThrough(
