@@ -22,6 +22,9 @@ export const ERROR_CODES = {
   // limits
   payload_too_large: { status: 413, message: 'The request body is over the limit.' },
   upgrade_not_supported: { status: 501, message: 'Protocol upgrades are not supported.' },
+  transfer_coding_not_supported: { status: 501, message: 'Only the chunked transfer coding is supported.' },
+  loop_detected: { status: 508, message: 'The request has already passed through this gateway (a function\'s upstream points back at a gateway).' },
+  client_closed_request: { status: 499, message: 'The client closed the request.' },
   // availability
   catalog_not_loaded: { status: 503, message: 'The function catalog is not loaded yet.' },
   shutting_down: { status: 503, message: 'The gateway is shutting down.' },

@@ -432,6 +432,13 @@ describe('core gateway: host-independent behaviour', () => {
               expect(seen).toHaveLength(0);
               return;
             }
+            // RFC 9112 6.1: a transfer coding other than chunked is refused (501) before anything.
+            const codings = (headers.get('transfer-encoding') ?? '').split(',').map((c) => c.trim().toLowerCase());
+            if (codings.some((c) => c !== '' && c !== 'chunked')) {
+              expect(res.status).toBe(501);
+              expect(seen).toHaveLength(0);
+              return;
+            }
             const expected = proven[credentials] as { role: string; sub: string; claims: JWTPayload | null };
             if (fn === 'secure' && expected.role === 'anon') {
               expect(res.status).toBe(401);
@@ -475,5 +482,95 @@ describe('core gateway: host-independent behaviour', () => {
         { numRuns: 500 },
       );
     });
+  });
+});
+
+describe('loops, transfer codings, method overrides, client aborts', () => {
+  it('a function whose upstream is the gateway itself is stopped at the second pass: 508 loop_detected, forwarded once', async () => {
+    let forwards = 0;
+    const gateway: ReturnType<typeof makeGateway> = makeGateway({
+      // The "upstream" is this same gateway, as a row pointing at its own compose name would be.
+      forward: async (req) => {
+        forwards++;
+        return gateway.fetch(new Request(`http://gateway.test${req.path}`, { method: req.method, headers: req.headers }), { rawTarget: req.path });
+      },
+    });
+    const res = await send(gateway, '/functions/v1/open');
+    expect(res.status).toBe(508);
+    expect((await errorBody(res)).code).toBe('loop_detected');
+    expect(forwards).toBe(1);
+  });
+
+  it('Via from other proxies passes and is extended; 16 or more hops is refused as a loop', async () => {
+    const gateway = makeGateway();
+    const ok = await send(gateway, '/functions/v1/open', { headers: { via: '1.1 cdn, 1.1 lb' } });
+    expect(ok.status).toBe(200);
+    expect(((await ok.json()) as Echo).headers['via']?.[0]).toMatch(/^1\.1 cdn, 1\.1 lb, 1\.1 pgstack-[0-9a-f]{8}$/);
+    const many = Array.from({ length: 16 }, (_, i) => `1.1 p${i}`).join(', ');
+    const refused = await send(gateway, '/functions/v1/open', { headers: { via: many } });
+    expect(refused.status).toBe(508);
+  });
+
+  it('two gateways pointing at each other stop when the request comes back to the first', async () => {
+    let hops = 0;
+    const a: ReturnType<typeof makeGateway> = makeGateway({
+      forward: async (req) => (hops++, b.fetch(new Request(`http://b.test${req.path}`, { headers: req.headers }), { rawTarget: req.path })),
+    });
+    const b: ReturnType<typeof makeGateway> = makeGateway({
+      forward: async (req) => (hops++, a.fetch(new Request(`http://a.test${req.path}`, { headers: req.headers }), { rawTarget: req.path })),
+    });
+    const res = await send(a, '/functions/v1/open');
+    expect(res.status).toBe(508);
+    expect(hops).toBe(2);
+  });
+
+  it.each(['gzip', 'gzip, chunked', 'chunked, gzip', 'deflate', 'identity'])('Transfer-Encoding: %s -> 501 transfer_coding_not_supported, nothing forwarded', async (te) => {
+    let forwards = 0;
+    const gateway = makeGateway({ forward: async (req) => (forwards++, echoUpstream(req)) });
+    const res = await send(gateway, '/functions/v1/open', { method: 'POST', headers: { 'transfer-encoding': te } });
+    expect(res.status).toBe(501);
+    expect((await errorBody(res)).code).toBe('transfer_coding_not_supported');
+    expect(forwards).toBe(0);
+  });
+
+  const preflight = { origin: 'https://app.example', 'access-control-request-method': 'POST' };
+  it('a plain CORS preflight on a verify_jwt function is forwarded as anon', async () => {
+    const res = await send(makeGateway(), '/functions/v1/secure', { method: 'OPTIONS', headers: preflight });
+    expect(res.status).toBe(200);
+    expect(((await res.json()) as Echo).role).toBe('anon');
+  });
+
+  it.each([
+    ['X-Original-Method', '/functions/v1/secure'],
+    ['X-HTTP-Method-Override', '/functions/v1/secure'],
+    ['x_http_method', '/functions/v1/secure'],
+    ['X-Method', '/functions/v1/secure'],
+  ])('a preflight carrying %s needs credentials on a verify_jwt function (401)', async (header, path) => {
+    const res = await send(makeGateway(), path, { method: 'OPTIONS', headers: { ...preflight, [header]: 'POST' } });
+    expect(res.status).toBe(401);
+  });
+
+  it.each(['/functions/v1/secure?_method=POST', '/functions/v1/secure?a=1&_METHOD=DELETE'])('a preflight to %s (query method override) needs credentials (401)', async (path) => {
+    const res = await send(makeGateway(), path, { method: 'OPTIONS', headers: preflight });
+    expect(res.status).toBe(401);
+  });
+
+  it('a client that leaves while the upstream works is 499 client_closed_request, not an upstream failure', async () => {
+    const client = new AbortController();
+    const lines: Array<Record<string, unknown>> = [];
+    const gateway = makeGateway({
+      log: (level, msg, fields) => lines.push({ level, msg, ...fields }),
+      forward: (req) =>
+        new Promise((_, reject) => {
+          req.signal.addEventListener('abort', () => reject(req.signal.reason));
+          client.abort(new DOMException('client went away', 'AbortError'));
+        }),
+    });
+    const res = await gateway.fetch(new Request('http://gateway.test/functions/v1/open'), { rawTarget: '/functions/v1/open', signal: client.signal });
+    expect(res.status).toBe(499);
+    expect((await errorBody(res)).code).toBe('client_closed_request');
+    expect(lines.some((l) => l['level'] === 'warn' || l['level'] === 'error')).toBe(false);
+    expect(gateway.metrics.render()).toContain('pgstack_gateway_errors_total{code="client_closed_request"} 1');
+    expect(gateway.metrics.render()).not.toContain('upstream_unreachable');
   });
 });

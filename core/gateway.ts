@@ -85,8 +85,21 @@ const FAILURE_CODES: Record<ForwardFailure, ConstructorParameters<typeof Gateway
  */
 const HOST_HEADER = /^(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$/;
 
-/** Headers frameworks read as the real method (Express method-override, Symfony, ASP.NET...). */
-const METHOD_OVERRIDE: ReadonlySet<string> = new Set(['x-http-method-override', 'x-http-method', 'x-method-override']);
+/**
+ * A method override: any header whose name mentions "method" but the preflight's own
+ * (X-HTTP-Method-Override, X-HTTP-Method, X-Method-Override, X-Original-Method, ...), or a
+ * `_method` query parameter (Rails, Laravel, Express method-override).
+ */
+function hasMethodOverride(request: Request, target: string): boolean {
+  for (const name of request.headers.keys()) {
+    const canonical = canonicalName(name);
+    if (canonical.includes('method') && canonical !== 'access-control-request-method') return true;
+  }
+  const q = target.indexOf('?');
+  if (q < 0) return false;
+  for (const key of new URLSearchParams(target.slice(q + 1)).keys()) if (key.toLowerCase() === '_method') return true;
+  return false;
+}
 
 /**
  * A browser's CORS preflight (Fetch standard 4.8): OPTIONS with Origin and
@@ -96,13 +109,15 @@ const METHOD_OVERRIDE: ReadonlySet<string> = new Set(['x-http-method-override', 
  * judged by its framing headers (Content-Length, Transfer-Encoding), as on the wire: a host
  * hands every OPTIONS a body stream, empty or not.
  */
-function isCorsPreflight(request: Request): boolean {
+function isCorsPreflight(request: Request, target: string): boolean {
   const headers = request.headers;
   if (request.method !== 'OPTIONS' || !headers.has('origin') || !headers.has('access-control-request-method')) return false;
   if (headers.has('transfer-encoding') || (headers.get('content-length') ?? '0') !== '0') return false;
-  for (const name of headers.keys()) if (METHOD_OVERRIDE.has(canonicalName(name))) return false;
-  return true;
+  return !hasMethodOverride(request, target);
 }
+
+/** Proxies a request may have passed before this gateway refuses it as a loop. */
+const MAX_VIA_HOPS = 16;
 
 /** X-Request-Id kept from the client only when it is a plain token. */
 const REQUEST_ID = /^[A-Za-z0-9._:+=\/-]{1,128}$/;
@@ -117,6 +132,8 @@ export function createGateway(config: GatewayConfig, deps: GatewayDeps): Gateway
   const log = deps.log ?? silentLogger;
   const ready = deps.ready ?? (() => true);
   const newId = deps.requestId ?? (() => crypto.randomUUID());
+  /** This gateway's Via pseudonym: random per instance, so a loop through it is recognised. */
+  const viaToken = `pgstack-${crypto.randomUUID().slice(0, 8)}`;
   const maxBodyBytes = config.limits?.maxBodyBytes ?? 20 * 1024 * 1024;
   const requestTimeoutMs = config.limits?.requestTimeoutMs ?? 150_000;
   const trusted: Cidr[] = (config.trustedProxies ?? []).map(parseCidr);
@@ -128,9 +145,9 @@ export function createGateway(config: GatewayConfig, deps: GatewayDeps): Gateway
   const isTrusted = (address: string | undefined) => address !== undefined && trusted.some((c) => cidrContains(c, address));
 
   /** Authorize: the function's verify_jwt rule applied to what the credentials proved. */
-  async function authorize(fn: FunctionEntry, request: Request): Promise<Identity> {
+  async function authorize(fn: FunctionEntry, request: Request, target: string): Promise<Identity> {
     // CORS preflight carries no credentials (browsers never send them): never required.
-    const open = !fn.verifyJwt || isCorsPreflight(request);
+    const open = !fn.verifyJwt || isCorsPreflight(request, target);
     const credentials = await identifier.identify(request.headers);
     switch (credentials.kind) {
       case 'valid':
@@ -153,6 +170,15 @@ export function createGateway(config: GatewayConfig, deps: GatewayDeps): Gateway
     if (!PROXY_METHODS.has(request.method)) throw new GatewayError('method_not_allowed', { headers: { allow: ALLOW_HEADER } });
     const parsed = parseFunctionTarget(context.rawTarget ?? targetOf(request));
     if (isGatewayError(parsed)) throw parsed;
+    // A catalog row that points back at a gateway (its own compose name, a mapped port)
+    // would multiply one request without end: each gateway stamps Via (RFC 9110 7.6.3) and
+    // refuses a request that already carries its stamp or has passed too many proxies.
+    const via = request.headers.get('via');
+    if (via !== null && (via.includes(viaToken) || via.split(',').length >= MAX_VIA_HOPS)) throw new GatewayError('loop_detected');
+    // RFC 9112 6.1: a transfer coding the gateway does not understand (gzip, chunked) would
+    // reach the function still coded with nothing saying so.
+    const codings = (request.headers.get('transfer-encoding') ?? '').split(',').map((c) => c.trim().toLowerCase());
+    if (codings.some((c) => c !== '' && c !== 'chunked')) throw new GatewayError('transfer_coding_not_supported');
 
     // Look up: one snapshot for the whole request, even if a reload lands meanwhile.
     const snapshot = deps.catalog();
@@ -163,7 +189,7 @@ export function createGateway(config: GatewayConfig, deps: GatewayDeps): Gateway
 
     // Authorize before anything else about the request: an anon caller learns nothing about
     // a verify_jwt function (not even that it refuses upgrades) beyond its 401.
-    const identity = await authorize(fn, request);
+    const identity = await authorize(fn, request, parsed.target);
     state.role = identity.role;
 
     // An upgrade would hand the socket to the function outside this pipeline; websockets
@@ -179,6 +205,7 @@ export function createGateway(config: GatewayConfig, deps: GatewayDeps): Gateway
       proto: url.protocol === 'https:' ? 'https' : 'http',
       host: request.headers.get('host') ?? url.host,
       trustForwarded: isTrusted(context.clientAddress),
+      via: `1.1 ${viaToken}`,
     });
 
     const path = fn.upstream.basePath + parsed.target;
@@ -196,6 +223,8 @@ export function createGateway(config: GatewayConfig, deps: GatewayDeps): Gateway
       });
     } catch (err) {
       if (limited.exceeded()) throw new GatewayError('payload_too_large', { cause: err });
+      // The client left: not an upstream failure (nor an alert an outsider can inflate).
+      if ((context.signal ?? request.signal).aborted) throw new GatewayError('client_closed_request', { cause: err });
       if (err instanceof ForwardError) throw new GatewayError(FAILURE_CODES[err.kind], { cause: err });
       if (isGatewayError(err)) throw err;
       throw new GatewayError('upstream_unreachable', { cause: err });

@@ -4,8 +4,8 @@ import { ANONYMOUS, encodeClaims, type Identity } from './identity.ts';
 
 const USER_CLAIMS = { role: 'authenticated', sub: 'user-1', name: 'Zoë' };
 const USER: Identity = { role: 'authenticated', sub: 'user-1', claims: USER_CLAIMS, claimsHeader: encodeClaims(USER_CLAIMS) };
-const DIRECT: ForwardedFacts = { clientAddress: '203.0.113.7', proto: 'http', host: 'gateway.test', trustForwarded: false };
-const VIA_PROXY: ForwardedFacts = { clientAddress: '10.0.0.2', proto: 'https', host: 'api.example', trustForwarded: true };
+const DIRECT: ForwardedFacts = { clientAddress: '203.0.113.7', proto: 'http', host: 'gateway.test', trustForwarded: false, via: '1.1 pgstack-test' };
+const VIA_PROXY: ForwardedFacts = { clientAddress: '10.0.0.2', proto: 'https', host: 'api.example', trustForwarded: true, via: '1.1 pgstack-test' };
 
 function build(pairs: [string, string][], identity: Identity = USER, facts: ForwardedFacts = DIRECT, requestId = 'rid-1'): Headers {
   const inbound = new Headers();
@@ -56,7 +56,7 @@ describe('buildUpstreamHeaders', () => {
       ['Proxy-Anything', '1'],
       ['x-kept', 'yes'],
     ]);
-    expect(names(out).filter((n) => !n.startsWith('x-'))).toEqual([]);
+    expect(names(out).filter((n) => !n.startsWith('x-') && n !== 'via')).toEqual([]);
     expect(out.get('x-kept')).toBe('yes');
   });
 
@@ -212,5 +212,12 @@ describe('stripResponseHopByHop', () => {
     const headers = new Headers([['content-type', 'application/json'], ['x-kept', '1']]);
     stripResponseHopByHop(headers);
     expect([...headers]).toEqual([['content-type', 'application/json'], ['x-kept', '1']]);
+  });
+});
+
+describe('Via (RFC 9110 7.6.3)', () => {
+  it("appends the gateway's entry to the client's Via, so loops through gateways are visible", () => {
+    expect(build([]).get('via')).toBe('1.1 pgstack-test');
+    expect(build([['via', '1.1 edge-proxy']]).get('via')).toBe('1.1 edge-proxy, 1.1 pgstack-test');
   });
 });

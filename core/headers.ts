@@ -72,6 +72,8 @@ export interface ForwardedFacts {
   readonly host: string | undefined;
   /** True when the peer is a trusted proxy whose forwarding headers are kept and extended. */
   readonly trustForwarded: boolean;
+  /** This gateway's Via entry (`1.1 pgstack-xxxx`), appended to the client's (RFC 9110 7.6.3). */
+  readonly via: string;
 }
 
 /**
@@ -109,6 +111,8 @@ export function buildUpstreamHeaders(inbound: Headers, identity: Identity, reque
     if (facts.host) out.set('x-forwarded-host', facts.host);
   }
   out.set('x-request-id', requestId);
+  const via = inbound.get('via');
+  out.set('via', via ? `${via}, ${facts.via}` : facts.via);
 
   out.set('x-pgstack-role', identity.role);
   out.set('x-pgstack-sub', identity.sub);
