@@ -127,6 +127,19 @@ function targetOf(request: Request): string {
   return url.pathname + url.search;
 }
 
+/** The scheme the client used: read off the URL's spelling, parsed only when unusual. */
+function protoOf(url: string): 'http' | 'https' {
+  if (url.startsWith('http://')) return 'http';
+  if (url.startsWith('https://')) return 'https';
+  return new URL(url).protocol === 'https:' ? 'https' : 'http';
+}
+
+/** The path of a request target, without its query. */
+function pathOf(target: string): string {
+  const q = target.indexOf('?');
+  return q < 0 ? target : target.slice(0, q);
+}
+
 export function createGateway(config: GatewayConfig, deps: GatewayDeps): Gateway {
   const now = deps.now ?? Date.now;
   const log = deps.log ?? silentLogger;
@@ -177,8 +190,11 @@ export function createGateway(config: GatewayConfig, deps: GatewayDeps): Gateway
     if (via !== null && (via.includes(viaToken) || via.split(',').length >= MAX_VIA_HOPS)) throw new GatewayError('loop_detected');
     // RFC 9112 6.1: a transfer coding the gateway does not understand (gzip, chunked) would
     // reach the function still coded with nothing saying so.
-    const codings = (request.headers.get('transfer-encoding') ?? '').split(',').map((c) => c.trim().toLowerCase());
-    if (codings.some((c) => c !== '' && c !== 'chunked')) throw new GatewayError('transfer_coding_not_supported');
+    const transferEncoding = request.headers.get('transfer-encoding');
+    if (transferEncoding !== null) {
+      const codings = transferEncoding.split(',').map((c) => c.trim().toLowerCase());
+      if (codings.some((c) => c !== '' && c !== 'chunked')) throw new GatewayError('transfer_coding_not_supported');
+    }
 
     // Look up: one snapshot for the whole request, even if a reload lands meanwhile.
     const snapshot = deps.catalog();
@@ -199,11 +215,10 @@ export function createGateway(config: GatewayConfig, deps: GatewayDeps): Gateway
     const limited = limitBody(request, fn.maxBodyBytes ?? maxBodyBytes);
     if (isGatewayError(limited)) throw limited;
 
-    const url = new URL(request.url);
     const headers = buildUpstreamHeaders(request.headers, identity, requestId, {
       clientAddress: context.clientAddress,
-      proto: url.protocol === 'https:' ? 'https' : 'http',
-      host: request.headers.get('host') ?? url.host,
+      proto: protoOf(request.url),
+      host: request.headers.get('host') ?? new URL(request.url).host,
       trustForwarded: isTrusted(context.clientAddress),
       via: `1.1 ${viaToken}`,
     });
@@ -297,7 +312,7 @@ export function createGateway(config: GatewayConfig, deps: GatewayDeps): Gateway
     log('info', 'request', {
       request_id: requestId,
       method: request.method,
-      path: (context.rawTarget ?? targetOf(request)).split('?')[0],
+      path: pathOf(context.rawTarget ?? targetOf(request)),
       function: state.fn,
       role: state.role,
       status: response.status,
