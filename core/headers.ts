@@ -45,7 +45,8 @@ export const IDENTITY_PREFIX = 'x-pgstack-';
 
 /** Lowercase and treat `_` as `-`: the spelling an upstream framework may fold names to. */
 export function canonicalName(name: string): string {
-  return name.toLowerCase().replace(/_/g, '-');
+  const lower = name.toLowerCase();
+  return lower.includes('_') ? lower.replaceAll('_', '-') : lower;
 }
 
 /** Names listed in a Connection header value (RFC 9110 7.6.1), canonicalised. */
@@ -89,14 +90,16 @@ export interface ForwardedFacts {
 export function buildUpstreamHeaders(inbound: Headers, identity: Identity, requestId: string, facts: ForwardedFacts): Headers {
   const named = connectionTokens(inbound.get('connection'));
   const out = new Headers();
-  for (const [name, value] of inbound) {
+  // forEach, not for...of: the same entries in the same order, without an iterator object
+  // and an entry array per header (@whatwg-node's Headers iterate through a generator).
+  inbound.forEach((value, name) => {
     const canonical = canonicalName(name);
-    if (isHopByHop(canonical, named)) continue;
-    if (canonical.startsWith(IDENTITY_PREFIX)) continue;
-    if (GATEWAY_OWNED.has(canonical)) continue;
-    if (FORWARDING.has(canonical) && (!facts.trustForwarded || canonical !== name)) continue;
+    if (isHopByHop(canonical, named)) return;
+    if (canonical.startsWith(IDENTITY_PREFIX)) return;
+    if (GATEWAY_OWNED.has(canonical)) return;
+    if (FORWARDING.has(canonical) && (!facts.trustForwarded || canonical !== name)) return;
     out.append(name, value);
-  }
+  });
 
   const client = facts.clientAddress;
   if (facts.trustForwarded) {
@@ -127,8 +130,8 @@ export function buildUpstreamHeaders(inbound: Headers, identity: Identity, reque
 export function stripResponseHopByHop(headers: Headers): void {
   const named = connectionTokens(headers.get('connection'));
   const drop: string[] = [];
-  for (const name of headers.keys()) {
+  headers.forEach((_value, name) => {
     if (isHopByHop(canonicalName(name), named)) drop.push(name);
-  }
+  });
   for (const name of drop) headers.delete(name);
 }
