@@ -4,6 +4,7 @@ import { request as httpRequest } from 'node:http';
 import { connect } from 'node:net';
 import { hasGo, startExample } from './support/processes.ts';
 import type { ExampleKind, RunningExample } from './support/processes.ts';
+import type { Echo } from '../core/contract.case.ts';
 
 const goAvailable = hasGo();
 if (!goAvailable) console.warn('go not found: skipping hello-go (install golang-go)');
@@ -12,18 +13,6 @@ const ECHO_KEYS = ['body', 'bodyBytes', 'claims', 'function', 'headers', 'method
 // Exactly this ASCII text: JSON with \u escapes, as the gateway sends it.
 const CLAIMS_HEADER = '{"sub":"u1","name":"\\u00e9\\u6f22\\ud83d\\ude00"}';
 
-interface Echo {
-  function: string;
-  method: string;
-  path: string;
-  role: string | null;
-  sub: string | null;
-  claims: unknown;
-  headers: Record<string, string[]>;
-  body: string;
-  bodyBytes: number;
-  runtime: string;
-}
 
 interface RawResponse {
   status: number;

@@ -6,6 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createTestDatabase, type TestDatabase } from './support/db.ts';
 import { eventually, startTestGateway, type TestGateway } from './support/gateway.ts';
 import { hasGo, startExample, type RunningExample } from './support/processes.ts';
+import type { Echo } from '../core/contract.case.ts';
 
 const GO = hasGo();
 if (!GO) console.warn('go not found: skipping the hello-go cases (install golang-go; .ci/run does)');
@@ -15,17 +16,6 @@ let gw: TestGateway;
 const fns: Partial<Record<'go' | 'node' | 'python', RunningExample>> = {};
 let userToken: string;
 
-interface Echo {
-  function: string;
-  method: string;
-  path: string;
-  role: string | null;
-  sub: string | null;
-  claims: Record<string, unknown> | null;
-  headers: Record<string, string[]>;
-  body: string;
-  runtime: string;
-}
 
 async function register(name: string, upstream: string, verifyJwt = true): Promise<void> {
   await db.sql('INSERT INTO pgstack.edge_functions (name, runtime, verify_jwt, upstream_url) VALUES ($1, $2, $3, $4)', [name, 'http', verifyJwt, upstream]);

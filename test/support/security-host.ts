@@ -14,19 +14,9 @@ import { createTestDatabase, type TestDatabase } from './db.ts';
 import { startTestGateway, type TestGateway } from './gateway.ts';
 import { exchange, sendRequest, type Exchange, type RawInit } from './raw-http.ts';
 import { startCanary, startEchoUpstream, type Canary, type EchoUpstream, type Received } from './upstreams.ts';
+import type { Echo } from '../../core/contract.case.ts';
+export type { Echo };
 
-export interface Echo {
-  function: string;
-  method: string;
-  path: string;
-  role: string | null;
-  sub: string | null;
-  claims: Record<string, unknown> | null;
-  headers: Record<string, string[]>;
-  body: string;
-  bodyBytes: number;
-  runtime: string;
-}
 
 export const FUNCTIONS: ReadonlyArray<readonly [name: string, verifyJwt: boolean]> = [
   ['open', false],
