@@ -86,10 +86,10 @@ export interface ForwardedFacts {
  * 3. set X-Pgstack-Role, X-Pgstack-Sub and (when there are claims) X-Pgstack-Claims.
  * Because step 3 runs last on a fresh Headers, exactly one copy of each identity header
  * reaches the upstream whatever the client sent.
+ * `out` is the empty Headers to fill (a host may pass its own implementation's).
  */
-export function buildUpstreamHeaders(inbound: Headers, identity: Identity, requestId: string, facts: ForwardedFacts): Headers {
+export function buildUpstreamHeaders(inbound: Headers, identity: Identity, requestId: string, facts: ForwardedFacts, out: Headers = new Headers()): Headers {
   const named = connectionTokens(inbound.get('connection'));
-  const out = new Headers();
   // forEach, not for...of: the same entries in the same order, without an iterator object
   // and an entry array per header (@whatwg-node's Headers iterate through a generator).
   inbound.forEach((value, name) => {
