@@ -98,7 +98,11 @@ describe('pgstack CLI', () => {
     [['token', '--role', 'postgres'], /--role must be one of .*got "postgres"/],
     [['token', '--role', 'authenticated'], /--sub is required/],
     [['token', '--role', 'anon', '--sub', 'x'], /--sub does not apply/],
-    [['token', '--role', 'service_role', '--expires-in', 'soon'], /--expires-in must be a duration/],
+    [['token', '--role', 'service_role', '--expires-in', 'soon'], /--expires-in must be a positive duration/],
+    [['token', '--role', 'service_role', '--expires-in', '0'], /--expires-in must be a positive duration/],
+    [['token', '--role', 'service_role', '--expires-in', '0h'], /--expires-in must be a positive duration/],
+    [['functions', 'add', 'x', '--runtime', 'deno', '--url', 'http://fn:1'], /--url does not apply to --runtime deno/],
+    [['functions', 'add', 'x', '--url', 'http://10.0.0.5:8000'], /UPSTREAM_HOSTS=my-fn=127\.0\.0\.1/],
     [['token', '--role', 'service_role', '--bogus'], /Unknown option/],
     [['nonsense'], /unknown command "nonsense"/],
   ])('%j exits 2 with a clear message', async (args, message) => {

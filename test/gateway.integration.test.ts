@@ -140,8 +140,12 @@ describe('catalog changes apply live', () => {
     await register('nowhere', 'http://no-such-container-xyz:8000', false);
     await register('loopback-name', 'http://localhost:8000', false);
     await visible('nowhere');
-    const res = await gw.call('/functions/v1/nowhere');
+    const res = await gw.call('/functions/v1/nowhere', { headers: { 'x-request-id': 'nowhere-1' } });
     expect(res.status).toBe(502);
+    // The operator's log says what fixes it; the client's answer says nothing about it.
+    const warning = gw.logs.find((l) => l['request_id'] === 'nowhere-1' && l['level'] === 'warn');
+    expect(String(warning?.['cause'])).toContain('UPSTREAM_HOSTS=no-such-container-xyz=');
+    expect(await res.text()).not.toContain('UPSTREAM_HOSTS');
     expect(gw.catalog.current()!.functions.has('loopback-name')).toBe(false);
     expect((await gw.call('/functions/v1/loopback-name')).status).toBe(404);
   });

@@ -84,6 +84,19 @@ describe('npm start on a fresh state folder', () => {
     expect(((await ok.json()) as { role: string }).role).toBe('service_role');
   });
 
+  it('a second npm start on the same state folder is refused with a message, and the first keeps serving', async () => {
+    const second = await new Promise<{ code: number | null; out: string }>((resolve) => {
+      execFile('npm', ['start'], { cwd: REPO_ROOT, env: { ...process.env, DATABASE_URL: '', JWT_SECRET: '', PGSTACK_DIR: join(dir, 'state'), PORT: '0' }, timeout: 60_000 }, (err, out, errOut) =>
+        resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, out: out + errOut }),
+      );
+    });
+    expect(second.code).toBe(1);
+    expect(second.out).toMatch(/Another gateway \(pid \d+\) is already serving from .*state/);
+    const [curl] = /^curl .+$/m.exec(stdout)!;
+    const { stdout: answer } = await exec('sh', ['-c', curl], { timeout: 15_000 });
+    expect((JSON.parse(answer) as { role: string }).role).toBe('authenticated');
+  }, 90_000);
+
   it('SIGTERM to the gateway stops it with exit 0, the embedded database and demo function with it', async () => {
     // The gateway is npm's grandchild (npm -> sh -> node); signal it as an orchestrator would.
     const { stdout: ps } = await exec('ps', ['-e', '-o', 'pid=,pgid=,args=']);
@@ -97,6 +110,7 @@ describe('npm start on a fresh state folder', () => {
     expect(await exited).toBe(0);
     expect(stdout).toContain('"msg":"shutting down"');
     expect(existsSync(join(dir, 'state', 'pgdata', 'postmaster.pid'))).toBe(false);
+    expect(existsSync(join(dir, 'state', 'serve.pid'))).toBe(false);
     // Everything it started (postgres and its workers, the demo function) is gone too.
     const leftovers = async () =>
       (await exec('ps', ['-e', '-o', 'pgid=,args='])).stdout.split('\n').filter((l) => Number(l.trim().split(/\s+/)[0]) === child.pid);

@@ -3,6 +3,7 @@
  * It finds the database and the secret the way `serve` does: environment first, else the
  * local state folder (`./.pgstack/`).
  */
+import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { entryFromRow, FUNCTION_NAME, validateUpstreamUrl, type Role } from '../../core/index.ts';
 import { ConfigError, loadConfig, type NodeConfig } from './config.ts';
@@ -130,9 +131,17 @@ async function functions(config: NodeConfig, args: string[]): Promise<void> {
     if (!FUNCTION_NAME.test(name)) throw new UsageError(`NAME must be letters, digits, - and _ (1..128 characters), got "${name}"`);
     if (values.runtime !== 'http' && values.runtime !== 'deno') throw new UsageError(`--runtime must be http or deno, got "${values.runtime}"`);
     if (values.runtime === 'http' && !values.url) throw new UsageError('--url is required for --runtime http (e.g. --url http://my-fn:8000)');
+    if (values.runtime === 'deno' && values.url !== undefined) {
+      throw new UsageError('--url does not apply to --runtime deno (every deno function is served by EDGE_RUNTIME_URL)');
+    }
     if (values.url !== undefined) {
       const checked = validateUpstreamUrl(values.url);
-      if (!checked.ok) throw new UsageError(`--url is refused: ${checked.reason}`);
+      if (!checked.ok) {
+        const hint = /IP literal|dot|localhost|own machine/i.test(checked.reason)
+          ? ' (for a function on this machine, use a bare name such as http://my-fn:8000 and start the gateway with UPSTREAM_HOSTS=my-fn=127.0.0.1)'
+          : '';
+        throw new UsageError(`--url is refused: ${checked.reason}${hint}`);
+      }
     }
     const input = {
       name,
@@ -145,6 +154,9 @@ async function functions(config: NodeConfig, args: string[]): Promise<void> {
     const databaseUrl = databaseUrlFor(config);
     const created = await upsertFunction(databaseUrl, input).catch((err) => explainDbError(err, config));
     process.stdout.write(`${created ? 'added' : 'updated'} ${name} -> ${input.upstreamUrl ?? 'EDGE_RUNTIME_URL'} (verify_jwt ${input.verifyJwt})\n`);
+    if (input.runtime === 'deno' && !config.edgeRuntimeUrl) {
+      process.stderr.write('warning: EDGE_RUNTIME_URL is not set here; a gateway without it drops deno functions (404)\n');
+    }
     return;
   }
   if (sub === 'list') {
@@ -193,9 +205,11 @@ async function token(config: NodeConfig, args: string[]): Promise<void> {
   if (role === 'anon' && values.sub) throw new UsageError('--sub does not apply to --role anon (anon callers have no sub)');
   if (values.sub !== undefined && !/^[\x20-\x7e]{1,256}$/.test(values.sub)) throw new UsageError('--sub must be 1..256 printable ASCII characters');
   const expiresIn = values['expires-in'];
-  if (!DURATION.test(expiresIn)) throw new UsageError(`--expires-in must be a duration like 30m, 1h, 7d or 3600, got "${expiresIn}"`);
+  if (!DURATION.test(expiresIn) || /^0+\s*[a-z]*$/i.test(expiresIn)) {
+    throw new UsageError(`--expires-in must be a positive duration like 30m, 1h, 7d or 3600, got "${expiresIn}"`);
+  }
   const secret = resolveJwtSecret(config, false);
-  if (!secret) throw new ConfigError(`No secret: set JWT_SECRET, or run \`npm start\` once so ${config.stateDir}/jwt-secret exists.`);
+  if (!secret) throw new ConfigError(`No secret: set JWT_SECRET, or run \`npm start\` once in this folder so ${join(resolve(config.stateDir), 'jwt-secret')} exists.`);
   const jwt = await mintToken(secret, { role, sub: values.sub, expiresIn, issuer: config.jwtIssuer, audience: config.jwtAudience });
   process.stdout.write(`${jwt}\n`);
 }

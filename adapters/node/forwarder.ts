@@ -163,8 +163,14 @@ const DESCRIPTIONS: Record<ForwardFailure, string> = {
 
 function toForwardError(req: ForwardRequest, err: unknown): ForwardError {
   const kind = classifyTransportError(err);
-  const detail = errorCode(err) ?? (err instanceof Error ? err.message : String(err));
-  return new ForwardError(kind, `upstream ${req.fn.name} (${req.fn.upstream.origin}) ${DESCRIPTIONS[kind]} (${detail})`, {
+  const code = errorCode(err);
+  const detail = code ?? (err instanceof Error ? err.message : String(err));
+  // The usual first-day mistake: a bare container name outside Docker. Say what fixes it.
+  const hint =
+    code === 'ENOTFOUND' || code === 'EAI_AGAIN'
+      ? `; "${req.fn.upstream.hostname}" does not resolve here: on a compose network it is the service name, elsewhere map it with UPSTREAM_HOSTS=${req.fn.upstream.hostname}=<address>`
+      : '';
+  return new ForwardError(kind, `upstream ${req.fn.name} (${req.fn.upstream.origin}) ${DESCRIPTIONS[kind]} (${detail})${hint}`, {
     cause: err,
   });
 }

@@ -7,6 +7,7 @@
  * in-process; `pgstack serve` adds the banner and signals.
  */
 import type { AddressInfo } from 'node:net';
+import { join, resolve } from 'node:path';
 import type { Server } from 'node:http';
 import { createGateway, type Gateway, type KeyConfig, type Logger } from '../../core/index.ts';
 import { createPostgresCatalog, type CatalogSource } from './catalog.ts';
@@ -15,7 +16,7 @@ import { startDemoFunction, type DemoFunction } from './demo.ts';
 import { startEmbeddedPostgres, type EmbeddedPostgres } from './embedded.ts';
 import { createUndiciForwarder, type NodeForwarder } from './forwarder.ts';
 import { createListener } from './listener.ts';
-import { readOrCreateSecret, readSecret } from './local-state.ts';
+import { lockStateDir, readOrCreateSecret, readSecret } from './local-state.ts';
 import { migrate } from './migrate.ts';
 import { upsertFunction } from './functions-repo.ts';
 
@@ -49,6 +50,8 @@ export async function startGateway(config: NodeConfig, log: Logger): Promise<Run
     let embedded: EmbeddedPostgres | undefined;
     let databaseUrl = config.databaseUrl;
     if (!databaseUrl) {
+      // One gateway per state folder: a second one would take over the demo's catalog row.
+      cleanups.push(await lockStateDir(config.stateDir));
       embedded = await startEmbeddedPostgres({ dir: config.stateDir, log });
       cleanups.push(() => embedded!.stop());
       databaseUrl = embedded.databaseUrl;
@@ -61,6 +64,7 @@ export async function startGateway(config: NodeConfig, log: Logger): Promise<Run
     if (!jwtSecret && !config.jwks && !config.jwksUrl) {
       throw new ConfigError('No verification keys: set JWT_SECRET, JWKS or JWKS_URL (with DATABASE_URL set, no secret is generated).');
     }
+    if (jwtSecret && !config.jwtSecret) log('info', 'using the JWT secret of the state folder', { file: join(resolve(config.stateDir), 'jwt-secret') });
     const keys: KeyConfig = {
       jwtSecret,
       jwks: config.jwks,
@@ -69,23 +73,16 @@ export async function startGateway(config: NodeConfig, log: Logger): Promise<Run
       audience: config.jwtAudience,
     };
 
-    // The embedded database is ours and up by now: migrate before registering the demo. A
+    // The demo runs on this machine: map its bare name to loopback explicitly, as an
+    // operator would with UPSTREAM_HOSTS. (The forwarder reads the map at each connect.)
+    const upstreamHosts = new Map(config.upstreamHosts);
+    const withDemo = embedded !== undefined && config.demo;
+    if (withDemo && !upstreamHosts.has('hello')) upstreamHosts.set('hello', '127.0.0.1');
+
+    // The embedded database is ours and up: migrate before anything reads the catalog. A
     // given database may not be up yet: the catalog applies the schema in the background,
     // retrying, while the listener answers 503 catalog_not_loaded.
     const migrateNow = config.migrateOnStart && embedded !== undefined;
-    if (migrateNow) await migrate(databaseUrl, { log });
-
-    let demo: DemoFunction | undefined;
-    const upstreamHosts = new Map(config.upstreamHosts);
-    if (embedded && config.demo) {
-      demo = await startDemoFunction();
-      cleanups.push(() => demo!.stop());
-      // The demo runs on this machine: map its bare name to loopback explicitly, as an
-      // operator would with UPSTREAM_HOSTS.
-      if (!upstreamHosts.has('hello')) upstreamHosts.set('hello', '127.0.0.1');
-      await upsertFunction(databaseUrl, { name: 'hello', runtime: 'http', verifyJwt: true, upstreamUrl: `http://hello:${demo.port}` });
-    }
-
     const catalog = createPostgresCatalog({
       databaseUrl,
       edgeRuntimeUrl: config.edgeRuntimeUrl,
@@ -93,7 +90,6 @@ export async function startGateway(config: NodeConfig, log: Logger): Promise<Run
       log,
       ...(config.migrateOnStart && !migrateNow ? { prepare: () => migrate(databaseUrl, { log }) } : {}),
     });
-    catalog.start();
     cleanups.push(() => catalog.stop());
 
     const forwarder: NodeForwarder = createUndiciForwarder({
@@ -129,7 +125,18 @@ export async function startGateway(config: NodeConfig, log: Logger): Promise<Run
         resolve();
       });
     });
+    cleanups.push(() => new Promise<void>((resolve) => server.close(() => resolve())));
     const port = (server.address() as AddressInfo).port;
+
+    // Only now, with the port ours, touch shared state: the schema, the demo's row.
+    if (migrateNow) await migrate(databaseUrl, { log });
+    let demo: DemoFunction | undefined;
+    if (withDemo) {
+      demo = await startDemoFunction();
+      cleanups.push(() => demo!.stop());
+      await upsertFunction(databaseUrl, { name: 'hello', runtime: 'http', verifyJwt: true, upstreamUrl: `http://hello:${demo.port}` });
+    }
+    catalog.start();
     const shownHost = config.host === '0.0.0.0' || config.host === '::' ? '127.0.0.1' : config.host.includes(':') ? `[${config.host}]` : config.host;
     log('info', 'listening', { url: `http://${shownHost}:${port}` });
 
