@@ -24,6 +24,7 @@ import { createServer, type IncomingMessage, type OutgoingHttpHeaders, type Serv
 import type { Socket } from 'node:net';
 import { Readable } from 'node:stream';
 import type { ReadableStream as NodeWebReadableStream } from 'node:stream/web';
+import { Headers as WhatwgHeaders } from '@whatwg-node/fetch';
 import { createServerAdapter } from '@whatwg-node/server';
 import { GatewayError, toResponse, type Gateway } from '../../core/index.ts';
 
@@ -37,6 +38,15 @@ export interface ListenerOptions {
   readonly headersTimeoutMs?: number;
   /** Idle keep-alive connections close after this. Default 5 s. */
   readonly keepAliveTimeoutMs?: number;
+}
+
+/**
+ * An empty Headers of the implementation the listener's Requests already use (@whatwg-node's),
+ * for GatewayDeps.newHeaders: several times cheaper to fill and iterate than Node's built-in
+ * Headers, which validates every append and sorts on every iteration.
+ */
+export function newRequestHeaders(): Headers {
+  return new WhatwgHeaders() as Headers;
 }
 
 /** Creates (does not start) the HTTP server for a gateway. */

@@ -15,7 +15,7 @@ import { ConfigError, type NodeConfig } from './config.ts';
 import { startDemoFunction, type DemoFunction } from './demo.ts';
 import { startEmbeddedPostgres, type EmbeddedPostgres } from './embedded.ts';
 import { createUndiciForwarder, type NodeForwarder } from './forwarder.ts';
-import { createListener } from './listener.ts';
+import { createListener, newRequestHeaders } from './listener.ts';
 import { lockStateDir, readOrCreateSecret, readSecret } from './local-state.ts';
 import { migrate } from './migrate.ts';
 import { upsertFunction } from './functions-repo.ts';
@@ -113,6 +113,7 @@ export async function startGateway(config: NodeConfig, log: Logger): Promise<Run
         forward: forwarder.forward,
         log,
         extraMetrics: () => catalogMetrics(catalog),
+        newHeaders: newRequestHeaders,
       },
     );
     await gateway.warm();

@@ -8,7 +8,7 @@
 import { buildSnapshot, createGateway } from '../../core/index.ts';
 import { DEFAULTS } from '../../adapters/node/config.ts';
 import { createUndiciForwarder } from '../../adapters/node/forwarder.ts';
-import { createListener } from '../../adapters/node/listener.ts';
+import { createListener, newRequestHeaders } from '../../adapters/node/listener.ts';
 import { createJsonLogger } from '../../adapters/node/logger.ts';
 import { env, listenAndAnnounce } from './ready.ts';
 
@@ -24,6 +24,6 @@ const forwarder = createUndiciForwarder({
 });
 const gateway = createGateway(
   { keys: { jwtSecret: env('BENCH_JWT_SECRET') }, limits: { maxBodyBytes: DEFAULTS.MAX_BODY_BYTES, requestTimeoutMs: DEFAULTS.REQUEST_TIMEOUT_MS } },
-  { catalog: () => snapshot, forward: forwarder.forward, log },
+  { catalog: () => snapshot, forward: forwarder.forward, log, newHeaders: newRequestHeaders },
 );
 await listenAndAnnounce(createListener(gateway));
