@@ -6,10 +6,12 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import http from 'node:http';
 import net from 'node:net';
+import { Readable } from 'node:stream';
 import { ReadableStream as PonyfillReadableStream } from '@whatwg-node/fetch';
 import { errors as undiciErrors } from 'undici';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { FunctionEntry } from '../../core/catalog.ts';
+import { GatewayError } from '../../core/errors.ts';
 import { ForwardError, type ForwardFailure, type ForwardRequest } from '../../core/forwarder.ts';
 import { isBlockedAddress } from './blocked-addresses.ts';
 import { classifyTransportError, createUndiciForwarder, type NodeForwarder, type UndiciForwarderOptions } from './forwarder.ts';
@@ -485,6 +487,75 @@ describe('undici forwarder: failures', () => {
   });
 });
 
+/**
+ * A request body of a few bytes, as a client's POST brings: a native web stream, or what the
+ * Node listener hands on (@whatwg-node's ReadableStream over a Node Readable).
+ */
+const BODIES: Array<[string, () => ReadableStream<Uint8Array>]> = [
+  [
+    'a native ReadableStream',
+    () =>
+      new ReadableStream<Uint8Array>({
+        start(controller) {
+          controller.enqueue(new TextEncoder().encode('{"hi":1}'));
+          controller.close();
+        },
+      }),
+  ],
+  [
+    "@whatwg-node's ReadableStream over a Node Readable",
+    () => {
+      const readable = new Readable({
+        read() {
+          this.push(Buffer.from('{"hi":1}'));
+          this.push(null);
+        },
+      });
+      return new PonyfillReadableStream<Uint8Array>(readable) as ReadableStream<Uint8Array>;
+    },
+  ],
+];
+
+// undici destroys a request body with the transport's error before it rejects the request,
+// so a failure on a request with a body must be classified exactly like one without.
+describe.each(BODIES)('undici forwarder: failures of a POST with %s are classified as without a body', (_, makeBody) => {
+  const post = (fn: FunctionEntry): ForwardRequest => call(fn, { method: 'POST', body: makeBody() });
+
+  it('refused -> unreachable', async () => {
+    const err = await failure(forwarder().forward(post(entry(await closedPort()))));
+    expect([err.kind, (err.cause as { code?: string }).code]).toEqual(['unreachable', 'ECONNREFUSED']);
+  });
+
+  it('unknown name -> unreachable, with the UPSTREAM_HOSTS hint', async () => {
+    const err = await failure(forwarder().forward(post(entry(80, 'pgstack-no-such-function-host'))));
+    expect(err.kind).toBe('unreachable');
+    expect(err.message).toContain('UPSTREAM_HOSTS=pgstack-no-such-function-host=');
+  });
+
+  it('unmapped loopback name -> blocked', async () => {
+    const err = await failure(forwarder().forward(post(entry(await closedPort(), 'localhost'))));
+    expect(err.kind).toBe('blocked');
+  });
+
+  it('no head -> headers_timeout', async () => {
+    const { port } = await rawServer((socket) => socket.resume());
+    const err = await failure(forwarder({ headersTimeoutMs: 300 }).forward(post(entry(port))));
+    expect(err.kind).toBe('headers_timeout');
+  });
+
+  it('reset while the body is sent -> reset', async () => {
+    const { port } = await rawServer((socket) => socket.once('data', () => socket.resetAndDestroy()));
+    const err = await failure(forwarder().forward(post(entry(port))));
+    expect(err.kind).toBe('reset');
+  });
+
+  it('unparseable answer -> bad_response', async () => {
+    const { port } = await rawServer((socket) => socket.once('data', () => socket.end('NOT HTTP AT ALL\r\n\r\n')));
+    const err = await failure(forwarder().forward(post(entry(port))));
+    expect(err.kind).toBe('bad_response');
+  });
+});
+
 describe('undici forwarder: keep-alive', () => {
   it('survives an upstream that closes idle connections after 50 ms', async () => {
     const { port, server } = await httpServer((_req, res) => res.end('ok'));
@@ -608,10 +679,10 @@ describe('undici forwarder: client abort and deadline', () => {
     await within(upstreamClosed.promise, 2_000, 'the upstream to see the close');
   });
 
-  it("passes the request body's own error through unchanged (the core's size limit)", async () => {
+  it("passes the request body's own GatewayError through unchanged (the core's size limit)", async () => {
     const { port } = await httpServer((req) => req.resume());
     const { forward } = forwarder();
-    const tooLarge = new Error('payload too large');
+    const tooLarge = new GatewayError('payload_too_large');
     let sent = false;
     const body = new ReadableStream<Uint8Array>({
       async pull(controller) {

@@ -18,6 +18,7 @@ import { Readable } from 'node:stream';
 import type { ReadableStream as NodeWebReadableStream } from 'node:stream/web';
 import { Response } from '@whatwg-node/fetch';
 import { Agent, buildConnector, errors as undiciErrors, type Dispatcher } from 'undici';
+import { isGatewayError } from '../../core/errors.ts';
 import { ForwardError, type ForwardFailure, type ForwardRequest, type Forwarder } from '../../core/forwarder.ts';
 import type { Logger } from '../../core/log.ts';
 import { isBlockedAddress } from './blocked-addresses.ts';
@@ -412,12 +413,10 @@ export function createUndiciForwarder(options: UndiciForwarderOptions): NodeForw
     }
 
     let body: Readable | null = null;
-    let bodyError: unknown;
     if (req.body !== null) {
       body = toNodeReadable(req.body);
-      body.once('error', (err: unknown) => {
-        bodyError = err;
-      });
+      // Never an unhandled 'error': undici reports every body failure through the request.
+      body.on('error', noop);
     }
     const requestOptions: Dispatcher.RequestOptions = {
       origin: req.fn.upstream.origin,
@@ -444,9 +443,11 @@ export function createUndiciForwarder(options: UndiciForwarderOptions): NodeForw
         creating = undefined;
         // The client left (signal.reason, unchanged) or the deadline passed (ForwardError).
         if (exchange.aborted) throw exchange.reason;
-        // The request body failed on the client's side (disconnect, the core's size limit):
-        // that is the core's own error, not a transport failure.
-        if (bodyError !== undefined && err === bodyError) throw bodyError;
+        // The request body failed on the client's side (the core's size limit, the client
+        // left mid-upload): the body's own GatewayError, passed through unchanged. Anything
+        // else is the transport's, also when undici destroyed the body with it first (a
+        // connect failure on a POST reaches us as the body's error too).
+        if (isGatewayError(err)) throw err;
         if (!isRetriableStaleReset(req, probe, err)) throw toForwardError(req, err);
         log?.('debug', 'retrying on a fresh connection after a reset on a reused keep-alive socket', {
           function: req.fn.name,

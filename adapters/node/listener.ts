@@ -140,10 +140,11 @@ class RequestBody extends Readable {
       this.push(null);
     };
     this.onError = (err) => {
-      this.destroy(err);
+      this.destroy(new GatewayError('client_closed_request', { message: 'The client connection failed while sending the request body.', cause: err }));
     };
     this.onClose = () => {
-      if (!this.source.complete) this.destroy(new Error('the client closed the connection before the request body was complete'));
+      // A GatewayError: the forwarder passes the body's own errors through as the core's.
+      if (!this.source.complete) this.destroy(new GatewayError('client_closed_request', { message: 'The client closed the connection before the request body was complete.' }));
     };
   }
 
