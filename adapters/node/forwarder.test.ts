@@ -511,7 +511,8 @@ const BODIES: Array<[string, () => ReadableStream<Uint8Array>]> = [
           this.push(null);
         },
       });
-      return new PonyfillReadableStream<Uint8Array>(readable) as ReadableStream<Uint8Array>;
+      // @whatwg-node wraps a Node Readable as it is (its typings only name web sources).
+      return new PonyfillReadableStream<Uint8Array>(readable as unknown as UnderlyingDefaultSource<Uint8Array>) as ReadableStream<Uint8Array>;
     },
   ],
 ];
