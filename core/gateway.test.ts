@@ -70,6 +70,14 @@ async function errorBody(res: Response): Promise<{ code: string; message: string
 }
 
 describe('core gateway: host-independent behaviour', () => {
+  it('createGateway without any key throws at once, naming what is missing', () => {
+    const deps = { catalog: () => undefined, forward: () => Promise.reject(new Error('unused')) };
+    for (const keys of [{}, { jwtSecret: '' }, { jwtSecret: undefined, jwks: undefined, jwksUrl: undefined }]) {
+      expect(() => createGateway({ keys }, deps)).toThrow(/config\.keys needs a jwtSecret, a jwks or a jwksUrl/);
+    }
+    expect(() => createGateway({ keys: { jwtSecret: SECRET } }, deps)).not.toThrow();
+  });
+
   it('catalog not loaded -> 503 catalog_not_loaded with Retry-After', async () => {
     const gateway = makeGateway({ catalog: () => undefined });
     const res = await send(gateway, '/functions/v1/open');

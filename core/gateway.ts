@@ -148,7 +148,15 @@ function pathOf(target: string): string {
   return q < 0 ? target : target.slice(0, q);
 }
 
+/**
+ * Builds the gateway. Throws a TypeError when config.keys holds no key at all (no
+ * jwtSecret, jwks or jwksUrl): such a gateway could verify nothing and would answer 401 to
+ * every token, which is a host's configuration mistake, not a policy.
+ */
 export function createGateway(config: GatewayConfig, deps: GatewayDeps): Gateway {
+  if (!config.keys?.jwtSecret && !config.keys?.jwks && !config.keys?.jwksUrl) {
+    throw new TypeError('createGateway: config.keys needs a jwtSecret, a jwks or a jwksUrl to verify tokens with');
+  }
   const now = deps.now ?? Date.now;
   const log = deps.log ?? silentLogger;
   const ready = deps.ready ?? (() => true);

@@ -392,6 +392,16 @@ describe('credential sources', () => {
     expectInvalid(await id().identify(new Headers({ apikey: 'sb_publishable_abc' })), 'invalid_apikey');
   });
 
+  it('an opaque Supabase key is refused with a message that names the JWT key to use instead', async () => {
+    for (const opaque of ['sb_publishable_abc', 'sb_secret_abc']) {
+      const credentials = await id().identify(new Headers({ apikey: opaque }));
+      expectInvalid(credentials, 'invalid_apikey');
+      if (credentials.kind === 'invalid') expect(credentials.error.message).toMatch(/Opaque API keys .* not supported: use the JWT anon or service key/);
+    }
+    const other = await id().identify(new Headers({ apikey: 'not-a-jwt' }));
+    if (other.kind === 'invalid') expect(other.error.message).toBe('The credential is not a JWT.');
+  });
+
   it('Bearer wins over apikey; a forged apikey beside a good Bearer is still invalid', async () => {
     const anonKey = await hs({ role: 'anon', iat: nowSec() });
     expectValid(await id().identify(new Headers({ authorization: `Bearer ${await hs(user())}`, apikey: anonKey })), 'authenticated', 'user-1');

@@ -56,6 +56,8 @@ const ROLES: ReadonlySet<string> = new Set(['anon', 'authenticated', 'service_ro
 const BEARER = /^bearer +([A-Za-z0-9\-._~+/]+=*) *$/i;
 /** A compact JWS: three base64url parts. Anything else (an opaque `sb_publishable_...` key) is not a JWT. */
 const COMPACT_JWS = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$/;
+/** Supabase's opaque API keys (not JWTs). */
+const OPAQUE_KEY = /^sb_(?:publishable|secret)_/;
 /** X-Pgstack-Sub must be a plain header value: printable ASCII, no CR/LF, bounded. */
 const SAFE_SUB = /^[\x20-\x7e]{0,256}$/;
 const SUB_CACHE_TTL_MS = 300_000;
@@ -147,7 +149,11 @@ export function createIdentifier(config: KeyConfig, deps: IdentifierDeps): Ident
       cache.delete(token);
     }
     if (!COMPACT_JWS.test(token)) {
-      return new GatewayError(invalidCode, { message: 'The credential is not a JWT.' });
+      // Supabase's newer opaque keys cannot be verified offline: say what to use instead.
+      const message = OPAQUE_KEY.test(token)
+        ? 'Opaque API keys (sb_publishable_..., sb_secret_...) are not supported: use the JWT anon or service key.'
+        : 'The credential is not a JWT.';
+      return new GatewayError(invalidCode, { message });
     }
     if (algorithms.length === 0) {
       return new GatewayError(invalidCode, { message: 'The gateway has no keys configured to verify tokens.' });

@@ -1,6 +1,6 @@
 /**
  * The portable gateway: a WinterCG fetch handler built from Web APIs only.
- * Hosts (adapters/node, adapters/workers, your own) pass in the catalog, keys, forwarder,
+ * Hosts (adapters/node, or your own) pass in the catalog, keys, forwarder,
  * clock and logger; nothing here reads the environment or imports a driver.
  */
 export { createGateway, type Gateway, type GatewayConfig, type GatewayDeps, type GatewayLimits, type RequestContext } from './gateway.ts';
