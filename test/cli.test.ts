@@ -4,6 +4,7 @@
  * messages and exit codes for bad arguments.
  */
 import { execFile } from 'node:child_process';
+import net from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createTestDatabase, type TestDatabase } from './support/db.ts';
@@ -63,18 +64,35 @@ describe('pgstack CLI', () => {
     await db.sql("INSERT INTO pgstack.edge_functions (name, runtime, upstream_url) VALUES ('sneaky', 'http', 'http://169.254.169.254')");
     const list = await pgstack(['functions', 'list']);
     expect(list.code).toBe(0);
-    expect(list.stdout).toMatch(/hello-python\s+http\s+yes\s+http:\/\/hello-python:\d+\s+ok/);
-    expect(list.stdout).toMatch(/sneaky\s+http\s+yes\s+http:\/\/169\.254\.169\.254\s+DROPPED: /);
+    expect(list.stdout).toMatch(/hello-python\s+http\s+yes\s+http:\/\/hello-python:\d+\s+default\s+default\s+ok/);
+    expect(list.stdout).toMatch(/sneaky\s+http\s+yes\s+http:\/\/169\.254\.169\.254\s+default\s+default\s+DROPPED: /);
   });
 
   it('functions add --no-verify-jwt makes the function open; running add again updates it', async () => {
     const add = await pgstack(['functions', 'add', 'hello-python', '--url', `http://hello-python:${fn.port}`, '--no-verify-jwt']);
     expect(add.code).toBe(0);
     expect(add.stdout).toContain('updated hello-python');
+    expect(add.stdout).toContain('(verify_jwt false, timeout default, body limit default)');
     await eventually(() => gw.catalog.current()?.functions.get('hello-python')?.verifyJwt === false, 5_000, 5);
     const res = await gw.call('/functions/v1/hello-python');
     expect(res.status).toBe(200);
     expect(((await res.json()) as { role: string }).role).toBe('anon');
+  });
+
+  it('functions add shows the per-function timeout and body limit, and list shows them too', async () => {
+    const add = await pgstack(['functions', 'add', 'limited', '--url', 'http://limited:8000', '--timeout-ms', '2000', '--max-body-bytes', '100']);
+    expect(add.code).toBe(0);
+    expect(add.stdout).toContain('added limited -> http://limited:8000 (verify_jwt true, timeout 2000 ms, body limit 100 bytes)');
+    const list = await pgstack(['functions', 'list']);
+    expect(list.stdout).toMatch(/limited\s+http\s+yes\s+http:\/\/limited:8000\s+2000\s+100\s+ok/);
+    expect((await pgstack(['functions', 'rm', 'limited'])).code).toBe(0);
+  });
+
+  it('without DATABASE_URL and no embedded database, the message names the folder it looked in and how to point at another', async () => {
+    const res = await pgstack(['functions', 'list'], { DATABASE_URL: '', PGSTACK_DIR: '/nonexistent/pgstack-state' });
+    expect(res.code).toBe(1);
+    expect(res.stderr).toContain('/nonexistent/pgstack-state holds no embedded database');
+    expect(res.stderr).toContain('PGSTACK_DIR');
   });
 
   it('functions rm removes it (404 next) and a second rm exits 1', async () => {
@@ -92,7 +110,10 @@ describe('pgstack CLI', () => {
     [['functions', 'add', 'bad name!', '--url', 'http://fn:80'], /NAME must be/],
     [['functions', 'add', 'x'], /--url is required/],
     [['functions', 'add', 'x', '--url', 'http://fn', '--runtime', 'python'], /--runtime must be http or deno/],
-    [['functions', 'add', 'x', '--url', 'http://fn', '--timeout-ms', '-5'], /--timeout-ms must be a positive whole number|--timeout-ms/],
+    [['functions', 'add', 'x', '--url', 'http://fn', '--timeout-ms', '-5'], /--timeout-ms needs a value, and one starting with "-" is not accepted/],
+    [['functions', 'add', 'x', '--url', 'http://fn', '--timeout-ms=-5'], /--timeout-ms must be a positive whole number, got "-5"/],
+    [['functions', 'add', 'x', '--url', 'http://fn', '--timeout-ms'], /--timeout-ms needs a value\n/],
+    [['functions', 'add', 'x', '--url', 'http://fn', '--no-verify-jwt=yes'], /--no-verify-jwt takes no value/],
     [['functions', 'frobnicate'], /unknown functions command/],
     [['token'], /--role must be one of/],
     [['token', '--role', 'postgres'], /--role must be one of .*got "postgres"/],
@@ -103,7 +124,7 @@ describe('pgstack CLI', () => {
     [['token', '--role', 'service_role', '--expires-in', '0h'], /--expires-in must be a positive duration/],
     [['functions', 'add', 'x', '--runtime', 'deno', '--url', 'http://fn:1'], /--url does not apply to --runtime deno/],
     [['functions', 'add', 'x', '--url', 'http://10.0.0.5:8000'], /UPSTREAM_HOSTS=my-fn=127\.0\.0\.1/],
-    [['token', '--role', 'service_role', '--bogus'], /Unknown option/],
+    [['token', '--role', 'service_role', '--bogus'], /^pgstack: unknown option --bogus\n/],
     [['nonsense'], /unknown command "nonsense"/],
   ])('%j exits 2 with a clear message', async (args, message) => {
     const res = await pgstack(args as string[]);
@@ -122,6 +143,20 @@ describe('pgstack CLI', () => {
     const res = await pgstack(['functions', 'list'], { DATABASE_URL: 'postgres://postgres:x@127.0.0.1:1/postgres' });
     expect(res.code).toBe(1);
     expect(res.stderr).toContain('Cannot reach the database');
+  });
+
+  it('serve on a port already in use exits 1 saying to pick another PORT, not with a stack trace', async () => {
+    const taken = net.createServer();
+    await new Promise<void>((resolve) => taken.listen(0, '127.0.0.1', () => resolve()));
+    try {
+      const port = (taken.address() as net.AddressInfo).port;
+      const res = await pgstack(['serve'], { PORT: String(port), HOST: '127.0.0.1', MIGRATE_ON_START: 'false' });
+      expect(res.code).toBe(1);
+      expect(res.stderr).toContain(`pgstack: 127.0.0.1:${port} is already in use: set PORT to another port (PORT=0 picks a free one)`);
+      expect(res.stderr).not.toMatch(/\n\s+at /);
+    } finally {
+      taken.close();
+    }
   });
 
   it('migrate is idempotent', async () => {

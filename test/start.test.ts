@@ -59,6 +59,7 @@ describe('npm start on a fresh state folder', () => {
     expect(stdout).toMatch(/Database\s+postgres:\/\/\S+/);
     expect(stdout).toMatch(/Anon key\s+eyJ\S+/);
     expect(stdout).toMatch(/Service key\s+eyJ\S+/);
+    expect(stdout).toContain(`"msg":"verification keys","hs256":${JSON.stringify(join(dir, 'state', 'jwt-secret'))}`);
     const { stdout: answer } = await exec('sh', ['-c', curl], { timeout: 15_000 });
     const echo = JSON.parse(answer) as { function: string; role: string; sub: string; claims: Record<string, unknown>; body: string };
     expect(echo.function).toBe('hello');
@@ -109,6 +110,8 @@ describe('npm start on a fresh state folder', () => {
     process.kill(Number(gateway![0]), 'SIGTERM');
     expect(await exited).toBe(0);
     expect(stdout).toContain('"msg":"shutting down"');
+    expect(stdout).toContain('"msg":"stopped"');
+    expect(stdout).not.toContain('catalog listener lost');
     expect(existsSync(join(dir, 'state', 'pgdata', 'postmaster.pid'))).toBe(false);
     expect(existsSync(join(dir, 'state', 'serve.pid'))).toBe(false);
     // Everything it started (postgres and its workers, the demo function) is gone too.
@@ -118,4 +121,50 @@ describe('npm start on a fresh state folder', () => {
     while ((await leftovers()).length > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
     expect(await leftovers()).toEqual([]);
   }, 30_000);
+});
+
+describe('npm start with PGSTACK_DEMO=false, stopped by Ctrl-C', () => {
+  it('prints the database URL and keys without a demo, and Ctrl-C (SIGINT to the whole process group) stops it cleanly', async () => {
+    const own = mkdtempSync(join(tmpdir(), 'pgstack-start-nodemo-'));
+    chmodSync(own, 0o755);
+    let out = '';
+    const npm = spawn('npm', ['start'], {
+      cwd: REPO_ROOT,
+      env: { ...process.env, DATABASE_URL: '', JWT_SECRET: '', PGSTACK_DIR: join(own, 'state'), PORT: '0', PGSTACK_DEMO: 'false' },
+      stdio: ['ignore', 'pipe', 'pipe'],
+      detached: true, // a process group of its own, as a terminal's foreground job
+    });
+    npm.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+    npm.stderr!.on('data', (d: Buffer) => (out += d.toString()));
+    const group = npm.pid!;
+    const leftovers = async () =>
+      (await exec('ps', ['-e', '-o', 'pgid=,args='])).stdout.split('\n').filter((l) => Number(l.trim().split(/\s+/)[0]) === group);
+    try {
+      const started = Date.now();
+      while (!/Service key\s+eyJ\S+\n[\s\S]*register yours/.test(out) && Date.now() - started < 90_000 && npm.exitCode === null) {
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      expect(out).toMatch(/running \(embedded database\)\n/);
+      expect(out).toMatch(/Database\s+postgres:\/\/\S+/);
+      expect(out).toMatch(/Anon key\s+eyJ\S+/);
+      expect(out).toContain('No demo function (PGSTACK_DEMO=false)');
+      expect(out).not.toMatch(/^curl /m);
+
+      const exited = new Promise<void>((resolve) => npm.once('exit', () => resolve()));
+      process.kill(-group, 'SIGINT'); // what Ctrl-C does: the gateway, npm and PostgreSQL all get it
+      await exited;
+      const deadline = Date.now() + 15_000;
+      while (!out.includes('"msg":"stopped"') && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+      expect(out).toContain('"msg":"shutting down","signal":"SIGINT"');
+      expect(out).toContain('"msg":"stopped"');
+      expect(out).not.toContain('catalog listener lost');
+      while ((await leftovers()).length > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+      expect(await leftovers()).toEqual([]);
+    } finally {
+      try {
+        process.kill(-group, 'SIGKILL');
+      } catch {}
+      rmSync(own, { recursive: true, force: true });
+    }
+  }, 120_000);
 });

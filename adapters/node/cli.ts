@@ -45,7 +45,9 @@ function databaseUrlFor(config: NodeConfig): string {
   if (config.databaseUrl) return config.databaseUrl;
   const url = readEmbeddedDatabaseUrl(config.stateDir);
   if (!url) {
-    throw new ConfigError(`No database: set DATABASE_URL, or run \`npm start\` once so the embedded database exists under ${config.stateDir}/`);
+    throw new ConfigError(
+      `No database: ${resolve(config.stateDir)} holds no embedded database. Set DATABASE_URL, or run this from the folder where \`npm start\` runs (or set PGSTACK_DIR to its state folder).`,
+    );
   }
   return url;
 }
@@ -73,8 +75,12 @@ async function serve(config: NodeConfig): Promise<void> {
     if (stopping) return;
     stopping = true;
     log('info', 'shutting down', { signal, graceMs: config.shutdownGraceMs });
+    const started = Date.now();
     running.stop().then(
-      () => process.exit(0),
+      () => {
+        log('info', 'stopped', { ms: Date.now() - started });
+        process.exit(0);
+      },
       (err) => {
         log('error', 'shutdown failed', { error: String(err) });
         process.exit(1);
@@ -84,30 +90,35 @@ async function serve(config: NodeConfig): Promise<void> {
   process.on('SIGTERM', onSignal);
   process.on('SIGINT', onSignal);
 
-  if (running.demo && running.jwtSecret) {
-    const anon = await mintToken(running.jwtSecret, { role: 'anon', expiresIn: '10y', issuer: config.jwtIssuer, audience: config.jwtAudience });
-    const service = await mintToken(running.jwtSecret, { role: 'service_role', expiresIn: '10y', issuer: config.jwtIssuer, audience: config.jwtAudience });
-    const user = await mintToken(running.jwtSecret, {
-      role: 'authenticated',
-      sub: 'demo-user',
-      expiresIn: '7d',
-      issuer: config.jwtIssuer,
-      audience: config.jwtAudience,
-      claims: { email: 'demo@example.com' },
-    });
-    process.stdout.write(`
-pgstack functions proxy is running (embedded database, demo function "hello")
-
-  Gateway       ${running.url}
-  Database      ${running.databaseUrl}
-  Anon key      ${anon}
-  Service key   ${service}
-
-Call the demo function as a signed-in user (token valid 7 days; mint more with \`npx pgstack token\`):
-
-curl -sS -X POST ${running.url}/functions/v1/hello -H "Authorization: Bearer ${user}" -H "Content-Type: application/json" -d '{"hello":"world"}'
-
-`);
+  // The embedded default is a local playground: show what a newcomer needs to call it.
+  // Never with DATABASE_URL: a real deployment's logs get no long-lived service key.
+  if (running.embedded && running.jwtSecret) {
+    const mint = (role: Role, extra: { sub?: string; expiresIn: string; claims?: Record<string, unknown> }) =>
+      mintToken(running.jwtSecret!, { role, ...extra, issuer: config.jwtIssuer, audience: config.jwtAudience });
+    const anon = await mint('anon', { expiresIn: '10y' });
+    const service = await mint('service_role', { expiresIn: '10y' });
+    const lines = [
+      '',
+      `pgstack functions proxy is running (embedded database${running.demo ? ', demo function "hello"' : ''})`,
+      '',
+      `  Gateway       ${running.url}`,
+      `  Database      ${running.databaseUrl}`,
+      `  Anon key      ${anon}`,
+      `  Service key   ${service}`,
+      '',
+    ];
+    if (running.demo) {
+      const user = await mint('authenticated', { sub: 'demo-user', expiresIn: '7d', claims: { email: 'demo@example.com' } });
+      lines.push(
+        'Call the demo function as a signed-in user (token valid 7 days; mint more with `npx pgstack token`):',
+        '',
+        `curl -sS -X POST ${running.url}/functions/v1/hello -H "Authorization: Bearer ${user}" -H "Content-Type: application/json" -d '{"hello":"world"}'`,
+        '',
+      );
+    } else {
+      lines.push('No demo function (PGSTACK_DEMO=false): register yours with `npx pgstack functions add`.', '');
+    }
+    process.stdout.write(`${lines.join('\n')}\n`);
   }
 }
 
@@ -153,7 +164,12 @@ async function functions(config: NodeConfig, args: string[]): Promise<void> {
     } as const;
     const databaseUrl = databaseUrlFor(config);
     const created = await upsertFunction(databaseUrl, input).catch((err) => explainDbError(err, config));
-    process.stdout.write(`${created ? 'added' : 'updated'} ${name} -> ${input.upstreamUrl ?? 'EDGE_RUNTIME_URL'} (verify_jwt ${input.verifyJwt})\n`);
+    const limits = [
+      `verify_jwt ${input.verifyJwt}`,
+      `timeout ${input.timeoutMs === null ? 'default' : `${input.timeoutMs} ms`}`,
+      `body limit ${input.maxBodyBytes === null ? 'default' : `${input.maxBodyBytes} bytes`}`,
+    ];
+    process.stdout.write(`${created ? 'added' : 'updated'} ${name} -> ${input.upstreamUrl ?? 'EDGE_RUNTIME_URL'} (${limits.join(', ')})\n`);
     if (input.runtime === 'deno' && !config.edgeRuntimeUrl) {
       process.stderr.write('warning: EDGE_RUNTIME_URL is not set here; a gateway without it drops deno functions (404)\n');
     }
@@ -169,9 +185,10 @@ async function functions(config: NodeConfig, args: string[]): Promise<void> {
     const lines = rows.map((row) => {
       const entry = entryFromRow(row, { edgeRuntimeUrl: config.edgeRuntimeUrl });
       const status = 'reason' in entry ? `DROPPED: ${entry.reason}` : 'ok';
-      return [String(row.name), String(row.runtime), row.verify_jwt ? 'yes' : 'no', String(row.upstream_url ?? '-'), status];
+      const orDefault = (value: unknown) => (value === null || value === undefined ? 'default' : String(value));
+      return [String(row.name), String(row.runtime), row.verify_jwt ? 'yes' : 'no', String(row.upstream_url ?? '-'), orDefault(row.timeout_ms), orDefault(row.max_body_bytes), status];
     });
-    const table = [['NAME', 'RUNTIME', 'VERIFY_JWT', 'UPSTREAM', 'STATUS'], ...lines];
+    const table = [['NAME', 'RUNTIME', 'VERIFY_JWT', 'UPSTREAM', 'TIMEOUT_MS', 'MAX_BODY_BYTES', 'STATUS'], ...lines];
     const widths = table[0]!.map((_, i) => Math.max(...table.map((r) => r[i]!.length)));
     for (const r of table) process.stdout.write(`${r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]!))).join('  ')}\n`);
     return;
@@ -243,8 +260,9 @@ export async function main(argv: string[]): Promise<number> {
         throw new UsageError(`unknown command "${command}"`);
     }
   } catch (err) {
-    if (err instanceof UsageError || (err as { code?: string }).code?.startsWith('ERR_PARSE_ARGS')) {
-      process.stderr.write(`pgstack: ${(err as Error).message}\nRun \`pgstack help\` for usage.\n`);
+    const parseError = parseArgsMessage(err);
+    if (err instanceof UsageError || parseError !== undefined) {
+      process.stderr.write(`pgstack: ${parseError ?? (err as Error).message}\nRun \`pgstack help\` for usage.\n`);
       return 2;
     }
     if (err instanceof ConfigError) {
@@ -254,4 +272,25 @@ export async function main(argv: string[]): Promise<number> {
     process.stderr.write(`pgstack: ${err instanceof Error ? err.message : String(err)}\n`);
     return 1;
   }
+}
+
+/**
+ * node:util parseArgs errors, said plainly: its own messages give advice about positional
+ * arguments (`-- "--bogus"`) that does not apply to this command line, and call a negative
+ * number "ambiguous" as if it could be passed another way.
+ */
+function parseArgsMessage(err: unknown): string | undefined {
+  const code = (err as { code?: string }).code;
+  if (typeof code !== 'string' || !code.startsWith('ERR_PARSE_ARGS')) return undefined;
+  const message = (err as Error).message;
+  const option = /'(--?[^'\s]+)/.exec(message)?.[1];
+  if (code === 'ERR_PARSE_ARGS_UNKNOWN_OPTION') return `unknown option ${option ?? ''}`.trim();
+  if (code === 'ERR_PARSE_ARGS_INVALID_OPTION_VALUE') {
+    // "--timeout-ms -5": the value looks like an option. "--no-verify-jwt=x": a flag given a value.
+    if (/ambiguous/.test(message)) return `${option ?? 'the option'} needs a value, and one starting with "-" is not accepted (numbers must be positive)`;
+    if (/argument missing/.test(message)) return `${option ?? 'the option'} needs a value`;
+    return `${option ?? 'the option'} takes no value`;
+  }
+  if (code === 'ERR_PARSE_ARGS_UNEXPECTED_POSITIONAL') return 'unexpected argument';
+  return message;
 }

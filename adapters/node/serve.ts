@@ -24,6 +24,8 @@ export interface RunningGateway {
   readonly url: string;
   readonly port: number;
   readonly databaseUrl: string;
+  /** The database is the embedded default, started by this gateway. */
+  readonly embedded: boolean;
   /** The HS256 secret in use, when there is one (to mint keys). */
   readonly jwtSecret: string | undefined;
   /** Set when the embedded default started the demo function. */
@@ -64,7 +66,12 @@ export async function startGateway(config: NodeConfig, log: Logger): Promise<Run
     if (!jwtSecret && !config.jwks && !config.jwksUrl) {
       throw new ConfigError('No verification keys: set JWT_SECRET, JWKS or JWKS_URL (with DATABASE_URL set, no secret is generated).');
     }
-    if (jwtSecret && !config.jwtSecret) log('info', 'using the JWT secret of the state folder', { file: join(resolve(config.stateDir), 'jwt-secret') });
+    // Which keys verify tokens, wherever they came from (never the keys themselves).
+    log('info', 'verification keys', {
+      hs256: config.jwtSecret ? 'JWT_SECRET' : jwtSecret ? join(resolve(config.stateDir), 'jwt-secret') : undefined,
+      jwks: config.jwks ? `JWKS (${config.jwks.keys.length} keys)` : undefined,
+      jwksUrl: config.jwksUrl,
+    });
     const keys: KeyConfig = {
       jwtSecret,
       jwks: config.jwks,
@@ -120,9 +127,14 @@ export async function startGateway(config: NodeConfig, log: Logger): Promise<Run
 
     const server = createListener(gateway);
     await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
+      const onError = (err: NodeJS.ErrnoException) => {
+        if (err.code === 'EADDRINUSE') reject(new ConfigError(`${config.host}:${config.port} is already in use: set PORT to another port (PORT=0 picks a free one), or stop what listens there.`));
+        else if (err.code === 'EADDRNOTAVAIL') reject(new ConfigError(`HOST=${config.host} is not an address of this machine.`));
+        else reject(err);
+      };
+      server.once('error', onError);
       server.listen(config.port, config.host, () => {
-        server.off('error', reject);
+        server.off('error', onError);
         resolve();
       });
     });
@@ -145,17 +157,23 @@ export async function startGateway(config: NodeConfig, log: Logger): Promise<Run
     const stop = () => {
       stopping ??= (async () => {
         gateway.drain();
+        // Draining answers every new function call 503 and in-flight requests hold their
+        // snapshot: the catalog is read no more. Its connections close now, before the
+        // database goes away under them (Ctrl-C reaches the embedded server too: it shares
+        // the terminal's process group), so that is not reported as a lost listener.
+        const catalogStopped = catalog.stop();
         const closed = new Promise<void>((resolve) => server.close(() => resolve()));
         server.closeIdleConnections();
         const grace = new Promise<void>((resolve) => setTimeout(resolve, config.shutdownGraceMs).unref());
         await Promise.race([closed, grace]);
         server.closeAllConnections();
+        await catalogStopped;
         await cleanup();
       })();
       return stopping;
     };
 
-    return { url: `http://${shownHost}:${port}`, port, databaseUrl, jwtSecret, demo, server, gateway, catalog, stop };
+    return { url: `http://${shownHost}:${port}`, port, databaseUrl, embedded: embedded !== undefined, jwtSecret, demo, server, gateway, catalog, stop };
   } catch (err) {
     await cleanup();
     throw err;
