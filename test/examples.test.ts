@@ -220,6 +220,17 @@ describe.each(kinds)('examples/functions/hello-%s', (kind) => {
     }
   });
 
+  it.skipIf(skip)('a port already in use: exit 1 with one line on stderr, no stack trace', async () => {
+    const err = (await startExample(kind, { PORT: String(ex.port) }).then(
+      () => undefined,
+      (e: unknown) => e,
+    )) as Error | undefined;
+    expect(err?.message).toMatch(/exited early \(code 1, signal null\)/);
+    const stderr = err!.message.split('--- stderr ---\n')[1]!.split('\n--- stdout ---')[0]!;
+    expect(stderr).toMatch(new RegExp(`^listen: .*${ex.port}.*(in use|EADDRINUSE)`, 'i'));
+    expect(stderr.trim().split('\n')).toHaveLength(1);
+  });
+
   it.skipIf(skip)('exits cleanly on SIGTERM', async () => {
     const other = await startExample(kind);
     expect((await fetch(`${other.url}/healthz`)).status).toBe(200);

@@ -105,6 +105,11 @@ server.on('checkContinue', (req: IncomingMessage, res: ServerResponse) => {
 server.keepAliveTimeout = 65_000; // outlive typical proxy pools' idle timeouts
 
 const host = process.env.HOST || '0.0.0.0';
+server.once('error', (err: NodeJS.ErrnoException) => {
+  // A port in use, an address not on this machine: one line, not a stack trace.
+  process.stderr.write(`listen: ${host}:${process.env.PORT || 8000}: ${err.code ?? err.message}\n`);
+  process.exit(1);
+});
 server.listen(Number(process.env.PORT || 8000), host, () => {
   const { port } = server.address() as AddressInfo;
   process.stdout.write(`listening on http://${host.includes(':') ? `[${host}]` : host}:${port}\n`);

@@ -5,6 +5,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import socketserver
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -144,7 +145,11 @@ def main():
             socketserver.TCPServer.server_bind(self)
             self.server_name, self.server_port = host, self.server_address[1]
 
-    httpd = Server((host, port), Handler)
+    try:
+        httpd = Server((host, port), Handler)
+    except OSError as err:  # a port in use, an address not on this machine: one line, not a traceback
+        print(f'listen: {host}:{port}: {err.strerror}', file=sys.stderr)
+        sys.exit(1)
     shown = f'[{host}]' if ':' in host else host
     print(f'listening on http://{shown}:{httpd.server_address[1]}', flush=True)
 
