@@ -49,7 +49,7 @@ export class Metrics {
   /** The exposition text; `extra` lines (the host's catalog gauges) are appended as given. */
   render(extra: string[] = []): string {
     const lines: string[] = [];
-    lines.push('# HELP pgstack_requests_total Function requests by function and status class.');
+    lines.push('# HELP pgstack_requests_total Requests by function and status class (function="": no function was found: health, readiness, metrics, unknown routes and names).');
     lines.push('# TYPE pgstack_requests_total counter');
     for (const [labels, n] of this.requests) lines.push(`pgstack_requests_total{${labels}} ${n}`);
     lines.push('# HELP pgstack_gateway_errors_total Answers the gateway made itself, by code.');
