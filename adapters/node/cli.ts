@@ -89,6 +89,11 @@ async function serve(config: NodeConfig): Promise<void> {
   };
   process.on('SIGTERM', onSignal);
   process.on('SIGINT', onSignal);
+  // A stray rejection (a bug in a path no test found) must not take every function down
+  // with the process: it is logged for the operator, and serving goes on.
+  process.on('unhandledRejection', (reason) => {
+    log('error', 'unhandled rejection', { error: reason instanceof Error ? `${reason.name}: ${reason.message}` : String(reason) });
+  });
 
   // The embedded default is a local playground: show what a newcomer needs to call it.
   // Never with DATABASE_URL: a real deployment's logs get no long-lived service key.

@@ -303,9 +303,9 @@ function toResponse(req: ForwardRequest, data: Dispatcher.ResponseData): Respons
     data.body.dump({ limit: 64 * 1024 }).catch(noop);
     body = null;
   }
-  const init: ResponseInit = { status: data.statusCode, headers: headers as unknown as HeadersInit };
-  if (data.statusText) init.statusText = data.statusText;
-  return new Response(body as unknown as BodyInit | null, init);
+  // The reason phrase is not relayed (RFC 9112 4: clients ignore it; Go's ReverseProxy
+  // does the same): a function's own may hold bytes no HTTP stack will write again.
+  return new Response(body as unknown as BodyInit | null, { status: data.statusCode, headers: headers as unknown as HeadersInit });
 }
 
 /**

@@ -26,7 +26,7 @@ import { Readable } from 'node:stream';
 import type { ReadableStream as NodeWebReadableStream } from 'node:stream/web';
 import { Headers as WhatwgHeaders } from '@whatwg-node/fetch';
 import { createServerAdapter } from '@whatwg-node/server';
-import { GatewayError, toResponse, type Gateway } from '../../core/index.ts';
+import { GatewayError, toResponse, type Gateway, type Logger } from '../../core/index.ts';
 
 interface NodeContext {
   req: IncomingMessage;
@@ -38,6 +38,8 @@ export interface ListenerOptions {
   readonly headersTimeoutMs?: number;
   /** Idle keep-alive connections close after this. Default 5 s. */
   readonly keepAliveTimeoutMs?: number;
+  /** Where answers that could not be written are reported. */
+  readonly log?: Logger;
 }
 
 /**
@@ -51,6 +53,7 @@ export function newRequestHeaders(): Headers {
 
 /** Creates (does not start) the HTTP server for a gateway. */
 export function createListener(gateway: Gateway, options: ListenerOptions = {}): Server {
+  const log = options.log;
   const adapter = createServerAdapter<NodeContext>((request, ctx) => {
     // A request that asked for an upgrade (Connection: upgrade) leaves Node's parser paused
     // after it: nothing later on the connection would ever be read. Say so and close it.
@@ -83,16 +86,31 @@ export function createListener(gateway: Gateway, options: ListenerOptions = {}):
   // out when the core starts reading the body: after routing, lookup and authorization.
   server.on('checkContinue', handle);
   function handle(req: IncomingMessage, res: ServerResponse): void {
+    if (closing.has(req.socket)) {
+      // RFC 9112 9.6: after an answer that said `Connection: close`, nothing more received
+      // on that connection is processed. Node's parser still emits what it reads while the
+      // connection lingers; it is read and dropped, never routed, never answered.
+      req.resume();
+      return;
+    }
     // GET and HEAD bodies are never forwarded (the adapter drops them): no wrapper needed.
     const body = req.method === 'GET' || req.method === 'HEAD' ? undefined : new RequestBody(req, res);
     const source = body ? Object.assign(body, { method: req.method, url: req.url, headers: req.headers, socket: req.socket }) : req;
     Promise.resolve(adapter.handleNodeRequestAndResponse(source as unknown as IncomingMessage, res, { req, res }))
-      .then((response) => sendResponse(response, req, res, body, !server.listening))
+      .then((response) => {
+        const refused = sendResponse(response, req, res, body, !server.listening);
+        if (refused !== undefined) {
+          log?.('warn', "a function's answer could not be written as it is; answered 502 upstream_bad_response instead", {
+            status: response.status,
+            error: refused instanceof Error ? `${refused.name}: ${refused.message}` : String(refused),
+          });
+        }
+      })
       .catch((err: unknown) => {
-        // The core answers every failure itself; this is the last guard (a header value
-        // Node refuses to write, say): never a hanging response, never an unhandled rejection.
-        if (res.headersSent) res.destroy();
-        else sendResponse(toResponse(new GatewayError('internal_error', { cause: err })), req, res, body, true);
+        // The core answers every failure itself; this is the last guard: never a hanging
+        // response, never an unhandled rejection.
+        log?.('error', 'the listener failed to answer a request', { error: err instanceof Error ? `${err.name}: ${err.message}` : String(err) });
+        answerInstead(new GatewayError('internal_error', { cause: err }), req, res, body);
       });
   }
   // No 'upgrade' listener on purpose: Node then hands upgrade requests to the adapter like
@@ -102,6 +120,9 @@ export function createListener(gateway: Gateway, options: ListenerOptions = {}):
   // nothing is smuggled through as a second request.
   return server;
 }
+
+/** Connections whose last answer said `Connection: close`: later requests on them are dropped. */
+const closing = new WeakSet<Socket>();
 
 /** Unread request bodies up to this size are drained to keep the connection (Node's default). */
 const DRAIN_LIMIT_BYTES = 256 * 1024;
@@ -220,13 +241,36 @@ function boundDrain(req: IncomingMessage, res: ServerResponse): void {
   });
 }
 
-/** Writes a fetch Response to a node:http response, streaming its body (see the head of this file). */
-function sendResponse(response: Response, req: IncomingMessage, res: ServerResponse, requestBody: RequestBody | undefined, shuttingDown: boolean): void {
+/**
+ * The gateway's own error in place of an answer that could not be written. A second
+ * failure, or an answer already under way, destroys the response: never a hang, never a throw.
+ */
+function answerInstead(error: GatewayError, req: IncomingMessage, res: ServerResponse, requestBody: RequestBody | undefined): void {
+  if (res.headersSent) {
+    res.destroy();
+    return;
+  }
+  try {
+    // writeHead keeps what a failed call had already stored (Node keeps statusMessage).
+    res.statusMessage = '';
+    for (const name of res.getHeaderNames()) res.removeHeader(name);
+    sendResponse(toResponse(error), req, res, requestBody, true, true);
+  } catch {
+    res.destroy();
+  }
+}
+
+/**
+ * Writes a fetch Response to a node:http response, streaming its body (see the head of this
+ * file). Returns the error when Node refused the status or a header and the gateway's 502
+ * upstream_bad_response went out instead; undefined otherwise.
+ */
+function sendResponse(response: Response, req: IncomingMessage, res: ServerResponse, requestBody: RequestBody | undefined, shuttingDown: boolean, fallback = false): unknown {
   const body = response.body;
   if (res.destroyed || res.writableEnded) {
     // The client left before the answer was ready: release the upstream body.
     body?.cancel().catch(noop);
-    return;
+    return undefined;
   }
   const headers: OutgoingHttpHeaders = {};
   let hasCookies = false;
@@ -250,12 +294,21 @@ function sendResponse(response: Response, req: IncomingMessage, res: ServerRespo
     // period closes its connection, so server.close() completes as soon as the last one does.
     headers['connection'] = 'close';
   }
-  res.writeHead(response.status, response.statusText || undefined, headers);
-  if (body === null) {
-    res.end();
-    return;
+  try {
+    // No reason phrase: RFC 9112 4 lets clients ignore it, and Node writes the standard one.
+    // A function's own (latin-1, UTF-8, a control byte) is what Node refuses to write.
+    if (headers['connection'] === 'close' || res.getHeader('connection') === 'close') closing.add(req.socket);
+  res.writeHead(response.status, headers);
+  } catch (err) {
+    // A status or header Node will not write: the function's answer cannot be relayed.
+    body?.cancel().catch(noop);
+    if (fallback) throw err;
+    answerInstead(new GatewayError('upstream_bad_response', { cause: err }), req, res, requestBody);
+    return err;
   }
-  pipeBody(toNodeReadable(body), res);
+  if (body === null) res.end();
+  else pipeBody(toNodeReadable(body), res);
+  return undefined;
 }
 
 /**

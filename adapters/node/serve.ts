@@ -125,7 +125,7 @@ export async function startGateway(config: NodeConfig, log: Logger): Promise<Run
     );
     await gateway.warm();
 
-    const server = createListener(gateway);
+    const server = createListener(gateway, { log });
     await new Promise<void>((resolve, reject) => {
       const onError = (err: NodeJS.ErrnoException) => {
         if (err.code === 'EADDRINUSE') reject(new ConfigError(`${config.host}:${config.port} is already in use: set PORT to another port (PORT=0 picks a free one), or stop what listens there.`));

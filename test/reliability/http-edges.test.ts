@@ -17,7 +17,11 @@ let gw: TestGateway;
 let upstream: Upstream;
 let userToken: string;
 
+/** Every request target the upstream received, in order. */
+const received: string[] = [];
+
 function handler(req: IncomingMessage, res: ServerResponse): void {
+  received.push(req.url ?? '');
   const mode = /\/functions\/v1\/[^/]+\/?([\w-]*)/.exec(req.url ?? '')?.[1] ?? '';
   if (mode === 'early') {
     // Answers at once, without reading the body.
@@ -267,5 +271,32 @@ describe('a gateway answer given before the body was read', () => {
     const res = await gw.call('/functions/v1/locked-fn', { method: 'POST', headers: { authorization: `Bearer ${userToken}` }, body: 'ok' });
     expect(res.status).toBe(200);
     expect(await res.json()).toEqual({ method: 'POST', bytes: 2 });
+  });
+});
+
+// RFC 9112 9.6: a server that answered with `Connection: close` does not process anything
+// more it receives on that connection. While the connection lingers (reading and dropping
+// what the client still sends), a complete request among those bytes is never routed.
+describe('after an answer that says Connection: close', () => {
+  // Each opener is followed by the rest of its body, complete, then a request.
+  const openers: Array<[string, string, string]> = [
+    ['401 to an anonymous Expect: 100-continue', requestText('POST', '/functions/v1/locked-fn', { expect: '100-continue', 'content-length': '5' }), 'hello'],
+    ['401 before a large declared body', requestText('POST', '/functions/v1/locked-fn', { 'content-length': String(512 * 1024) }), 'x'.repeat(512 * 1024)],
+    ['404 before a chunked body', requestText('POST', '/functions/v1/no-such-fn', { 'transfer-encoding': 'chunked' }), '5\r\nhello\r\n0\r\n\r\n'],
+    ['413 before a body over the limit', requestText('POST', '/functions/v1/open-fn', { 'content-length': String(LIMIT + 1) }), 'y'.repeat(LIMIT + 1)],
+  ];
+  it.each(openers)('%s: a request sent after it never reaches the function, and is not answered', async (_, opener, rest) => {
+    const marker = `after-close-${Math.random().toString(36).slice(2)}`;
+    const client = await RawClient.connect(gw.port);
+    await client.write(opener);
+    const first = await client.read();
+    expect(first.status).toBeGreaterThanOrEqual(400);
+    expect(header(first, 'connection')).toBe('close');
+    // The answer's FIN may already be here: the connection is half-closed, still read.
+    await client.write(rest + requestText('GET', `/functions/v1/open-fn/${marker}`)).catch(() => {});
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    expect(received.filter((url) => url.includes(marker))).toEqual([]);
+    await client.waitClosed(8_000);
+    client.destroy();
   });
 });

@@ -42,7 +42,7 @@ async function expectFault(res: Response, code: string): Promise<void> {
 
 beforeAll(async () => {
   db = await createTestDatabase();
-  const names = ['refused', 'silent', 'stall-chunked', 'stall-length', 'reset-body', 'idle-close', 'idle-drop'];
+  const names = ['refused', 'silent', 'stall-chunked', 'stall-length', 'reset-body', 'idle-close', 'idle-drop', 'reason'];
   gw = await startTestGateway(db.url, {
     UPSTREAM_HOSTS: names.map((n) => `${n}=127.0.0.1`).join(','),
     UPSTREAM_HEADERS_TIMEOUT_MS: String(HEADERS_TIMEOUT_MS),
@@ -57,6 +57,24 @@ afterAll(async () => {
 });
 
 describe('upstream faults', () => {
+  it("a reason phrase of any bytes (latin-1, UTF-8, DEL) is not relayed: the status and body are, and the gateway lives on", async () => {
+    let reason = Buffer.alloc(0);
+    const odd = await startTcpUpstream((socket) => {
+      socket.once('data', () => socket.end(Buffer.concat([Buffer.from('HTTP/1.1 201 '), reason, Buffer.from('\r\nContent-Length: 2\r\n\r\nok')])));
+    });
+    upstreams.push(odd);
+    await register('reason', odd.port);
+    for (const bytes of [Buffer.from('Cr\xe9\xe9', 'latin1'), Buffer.from('OK\x7f', 'latin1'), Buffer.from('Ök€', 'utf8')]) {
+      reason = bytes;
+      const client = await RawClient.connect(gw.port);
+      await client.write(requestText('GET', '/functions/v1/reason'));
+      const res = await client.read();
+      client.destroy();
+      expect([res.status, res.body.toString()]).toEqual([201, 'ok']);
+      expect((await gw.call('/healthz')).status).toBe(200);
+    }
+  });
+
   it('connection refused: 502 upstream_unreachable', async () => {
     await register('refused', await freePort());
     await expectFault(await gw.call('/functions/v1/refused', { method: 'POST', body: 'x' }), 'upstream_unreachable');
