@@ -58,8 +58,17 @@ const BEARER = /^bearer +([A-Za-z0-9\-._~+/]+=*) *$/i;
 const COMPACT_JWS = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$/;
 /** Supabase's opaque API keys (not JWTs). */
 const OPAQUE_KEY = /^sb_(?:publishable|secret)_/;
-/** X-Pgstack-Sub must be a plain header value: printable ASCII, no CR/LF, bounded. */
-const SAFE_SUB = /^[\x20-\x7e]{0,256}$/;
+/**
+ * X-Pgstack-Sub must arrive as the claim is: printable ASCII (no CR/LF), at most 256
+ * characters, no leading or trailing space. Every HTTP parser strips a field value's outer
+ * whitespace (RFC 9110 5.5), so `"admin "` would reach a function as `admin`.
+ */
+const SAFE_SUB = /^(?:[\x21-\x7e](?:[\x20-\x7e]{0,254}[\x21-\x7e])?)?$/;
+
+/** Whether `sub` can be carried by X-Pgstack-Sub unchanged (the empty string: no sub). */
+export function isSafeSub(sub: string): boolean {
+  return SAFE_SUB.test(sub);
+}
 const SUB_CACHE_TTL_MS = 300_000;
 
 const ASYMMETRIC_ALGS = ['ES256', 'ES384', 'RS256', 'RS384', 'RS512', 'PS256', 'PS384', 'PS512', 'EdDSA', 'Ed25519'];
@@ -131,7 +140,7 @@ export function createIdentifier(config: KeyConfig, deps: IdentifierDeps): Ident
     }
     const rawSub = payload.sub;
     if (rawSub !== undefined && (typeof rawSub !== 'string' || !SAFE_SUB.test(rawSub))) {
-      return new GatewayError('invalid_token', { message: 'The token\'s "sub" is not a printable ASCII string.' });
+      return new GatewayError('invalid_token', { message: 'The token\'s "sub" is not a printable ASCII string (at most 256 characters, no leading or trailing space).' });
     }
     const sub = role === 'anon' ? '' : (rawSub ?? '');
     if (role === 'authenticated' && sub === '') {

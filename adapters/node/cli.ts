@@ -5,7 +5,7 @@
  */
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
-import { entryFromRow, FUNCTION_NAME, validateUpstreamUrl, type Role } from '../../core/index.ts';
+import { entryFromRow, FUNCTION_NAME, isSafeSub, validateUpstreamUrl, type Role } from '../../core/index.ts';
 import { ConfigError, loadConfig, type NodeConfig } from './config.ts';
 import { listFunctions, removeFunction, upsertFunction } from './functions-repo.ts';
 import { readEmbeddedDatabaseUrl } from './embedded.ts';
@@ -225,7 +225,9 @@ async function token(config: NodeConfig, args: string[]): Promise<void> {
   if (!role || !ROLES.includes(role)) throw new UsageError(`--role must be one of ${ROLES.join(', ')}${values.role ? `, got "${values.role}"` : ''}`);
   if (role === 'authenticated' && !values.sub) throw new UsageError('--sub is required for --role authenticated (the user id the function sees)');
   if (role === 'anon' && values.sub) throw new UsageError('--sub does not apply to --role anon (anon callers have no sub)');
-  if (values.sub !== undefined && !/^[\x20-\x7e]{1,256}$/.test(values.sub)) throw new UsageError('--sub must be 1..256 printable ASCII characters');
+  if (values.sub !== undefined && (values.sub === '' || !isSafeSub(values.sub))) {
+    throw new UsageError('--sub must be 1..256 printable ASCII characters, without leading or trailing spaces');
+  }
   const expiresIn = values['expires-in'];
   if (!DURATION.test(expiresIn) || /^0+\s*[a-z]*$/i.test(expiresIn)) {
     throw new UsageError(`--expires-in must be a positive duration like 30m, 1h, 7d or 3600, got "${expiresIn}"`);
