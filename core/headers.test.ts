@@ -1,9 +1,10 @@
 import { describe, expect, it } from 'vitest';
 import { buildUpstreamHeaders, canonicalName, connectionTokens, stripResponseHopByHop, type ForwardedFacts } from './headers.ts';
-import { ANONYMOUS, encodeClaims, type Identity } from './identity.ts';
+import { encodeClaims } from './claims.ts';
+import { ANONYMOUS, type Identity } from './identity.ts';
 
 const USER_CLAIMS = { role: 'authenticated', sub: 'user-1', name: 'Zoë' };
-const USER: Identity = { role: 'authenticated', sub: 'user-1', claims: USER_CLAIMS, claimsHeader: encodeClaims(USER_CLAIMS) };
+const USER: Identity = { role: 'authenticated', sub: 'user-1', claims: USER_CLAIMS, claimsHeader: encodeClaims(JSON.stringify(USER_CLAIMS)) };
 const DIRECT: ForwardedFacts = { clientAddress: '203.0.113.7', proto: 'http', host: 'gateway.test', trustForwarded: false, via: '1.1 pgstack-test' };
 const VIA_PROXY: ForwardedFacts = { clientAddress: '10.0.0.2', proto: 'https', host: 'api.example', trustForwarded: true, via: '1.1 pgstack-test' };
 

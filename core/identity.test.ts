@@ -1,9 +1,11 @@
 import { createServer, type Server } from 'node:http';
+import { createHmac } from 'node:crypto';
 import type { AddressInfo } from 'node:net';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import fc from 'fast-check';
 import { exportJWK, exportSPKI, generateKeyPair, importJWK, SignJWT, type JWK, type JWTHeaderParameters, type JWTPayload } from 'jose';
-import { createIdentifier, encodeClaims, type Credentials, type Identifier, type IdentifierDeps, type KeyConfig } from './identity.ts';
+import { encodeClaims, hasDuplicateKeys } from './claims.ts';
+import { createIdentifier, type Credentials, type Identifier, type IdentifierDeps, type KeyConfig } from './identity.ts';
 import { silentLogger } from './log.ts';
 
 const SECRET = 'identity-test-secret-0123456789abcdef0123';
@@ -452,10 +454,10 @@ describe('encodeClaims', () => {
   );
   const claims = fc.dictionary(anyString, fc.oneof(anyString, fc.jsonValue({ depthSize: 'small' })));
 
-  it('is printable ASCII only and JSON.parse round-trips any claims', () => {
+  it('is printable ASCII only and JSON.parse round-trips any claims, compact or pretty-printed', () => {
     fc.assert(
-      fc.property(claims, (value) => {
-        const encoded = encodeClaims(value);
+      fc.property(claims, fc.constantFrom(undefined, 2, '\t'), (value, indent) => {
+        const encoded = encodeClaims(JSON.stringify(value, null, indent));
         expect(encoded).toMatch(/^[\x20-\x7e]*$/);
         expect(JSON.parse(encoded)).toEqual(JSON.parse(JSON.stringify(value)));
       }),
@@ -465,9 +467,67 @@ describe('encodeClaims', () => {
 
   it('escapes the characters HTTP stacks mangle', () => {
     const value = { a: 'é', b: '\u007f', c: '😀', d: '\n\r\u0000', e: '\u2028' };
-    const encoded = encodeClaims(value);
+    const encoded = encodeClaims(JSON.stringify(value));
     expect(encoded).toBe('{"a":"\\u00e9","b":"\\u007f","c":"\\ud83d\\ude00","d":"\\n\\r\\u0000","e":"\\u2028"}');
     expect(JSON.parse(encoded)).toEqual(value);
+  });
+
+  it('keeps numbers as signed: no rounding of 64-bit ids, no null for 1e400', () => {
+    const json = '{"user_id":1234567890123456789,"big":1e400,"neg":-0,"f":0.1000000000000000055511151231257827}';
+    expect(encodeClaims(json)).toBe(json);
+  });
+});
+
+describe('hasDuplicateKeys', () => {
+  it.each([
+    ['{"role":"authenticated","role":"service_role"}', true],
+    ['{"a":1,"\\u0061":2}', true],
+    ['{"x":{"k":1,"k":2}}', true],
+    ['{"x":[{"k":1},{"k":2}],"k":3}', false],
+    ['{"a":{"a":{"a":1}}}', false],
+    ['{"__proto__":1,"constructor":2,"toString":3}', false],
+  ])('%s -> %s', (json, expected) => {
+    expect(hasDuplicateKeys(json)).toBe(expected);
+  });
+});
+
+describe('X-Pgstack-Claims is the payload as signed', () => {
+  const id = () => identifier({ jwtSecret: SECRET });
+  const signRaw = async (payloadJson: string) => {
+    const head = b64url({ alg: 'HS256', typ: 'JWT' });
+    const body = Buffer.from(payloadJson).toString('base64url');
+    const mac = createHmac('sha256', SECRET).update(`${head}.${body}`).digest('base64url');
+    return `${head}.${body}.${mac}`;
+  };
+
+  it('two users whose 64-bit ids differ in the last digits get different headers, each exactly its token', async () => {
+    const exp = nowSec() + 600;
+    for (const idValue of ['1234567890123456789', '1234567890123456790']) {
+      const json = `{"role":"authenticated","sub":"u","user_id":${idValue},"exp":${exp}}`;
+      const result = await bearer(id(), await signRaw(json));
+      expectValid(result, 'authenticated', 'u');
+      if (result.kind === 'valid') expect(result.identity.claimsHeader).toBe(json);
+    }
+  });
+
+  it('a pretty-printed, non-ASCII payload arrives as one ASCII line that parses to the same claims', async () => {
+    const json = JSON.stringify({ role: 'authenticated', sub: 'u', name: 'Zoë 😀', exp: nowSec() + 600 }, null, 2);
+    const result = await bearer(id(), await signRaw(json));
+    expectValid(result, 'authenticated', 'u');
+    if (result.kind !== 'valid') return;
+    expect(result.identity.claimsHeader).toMatch(/^[\x20-\x7e]+$/);
+    expect(JSON.parse(result.identity.claimsHeader!)).toEqual(JSON.parse(json));
+  });
+
+  it('a payload naming a claim twice is invalid_token, whichever copy a parser would keep', async () => {
+    const exp = nowSec() + 600;
+    for (const json of [
+      `{"role":"authenticated","sub":"u","role":"service_role","exp":${exp}}`,
+      `{"role":"service_role","sub":"u","r\\u006fle":"authenticated","exp":${exp}}`,
+      `{"role":"authenticated","sub":"u","app":{"tier":"free","tier":"pro"},"exp":${exp}}`,
+    ]) {
+      expectInvalid(await bearer(id(), await signRaw(json)), 'invalid_token');
+    }
   });
 });
 

@@ -10,6 +10,7 @@
  * embedded in the token (`jwk`, `jku`, `x5u`, `x5c`) are ignored: only configured keys verify.
  */
 import { jwtVerify, errors, createLocalJWKSet, type JWTPayload, type JSONWebKeySet, type JWSHeaderParameters, type FlattenedJWSInput } from 'jose';
+import { encodeClaims, hasDuplicateKeys, payloadJson } from './claims.ts';
 import { GatewayError, type ErrorCode } from './errors.ts';
 import { createRemoteJwks, type KeyGetter } from './jwks.ts';
 import type { Logger } from './log.ts';
@@ -73,15 +74,6 @@ const SUB_CACHE_TTL_MS = 300_000;
 
 const ASYMMETRIC_ALGS = ['ES256', 'ES384', 'RS256', 'RS384', 'RS512', 'PS256', 'PS384', 'PS512', 'EdDSA', 'Ed25519'];
 
-/**
- * Encodes claims as JSON that is pure printable ASCII: every char outside 0x20..0x7e is a
- * \uXXXX escape (JSON.stringify already escapes controls below 0x20 and lone surrogates).
- * Any JSON parser decodes it to exactly the claims, and no HTTP stack mangles it.
- */
-export function encodeClaims(claims: Readonly<Record<string, unknown>>): string {
-  return JSON.stringify(claims).replace(/[\u007f-\uffff]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
-}
-
 function mapJoseError(err: unknown, code: ErrorCode = 'invalid_token'): GatewayError {
   // Only a well-formed exp/nbf that fails the clock check is "expired"/"not yet valid"; a
   // claim of the wrong type (`"nbf": "soon"`) is a malformed token (jose's reason 'invalid').
@@ -133,7 +125,8 @@ export function createIdentifier(config: KeyConfig, deps: IdentifierDeps): Ident
   // stops being honoured within minutes.
   const cache = new Map<string, { identity: Identity; until: number }>();
 
-  function identityFrom(payload: JWTPayload): Identity | GatewayError {
+  /** `json`: the payload as signed, the source of X-Pgstack-Claims (see claims.ts). */
+  function identityFrom(payload: JWTPayload, json: string): Identity | GatewayError {
     const role = payload['role'];
     if (typeof role !== 'string' || !ROLES.has(role)) {
       return new GatewayError('invalid_role');
@@ -147,7 +140,7 @@ export function createIdentifier(config: KeyConfig, deps: IdentifierDeps): Ident
       return new GatewayError('invalid_token', { message: 'An authenticated token must carry a "sub".' });
     }
     const claims = Object.freeze({ ...payload });
-    return Object.freeze({ role: role as Role, sub, claims, claimsHeader: encodeClaims(claims) });
+    return Object.freeze({ role: role as Role, sub, claims, claimsHeader: encodeClaims(json) });
   }
 
   async function verify(token: string, invalidCode: ErrorCode): Promise<Identity | GatewayError> {
@@ -179,7 +172,11 @@ export function createIdentifier(config: KeyConfig, deps: IdentifierDeps): Ident
     } catch (err) {
       return mapJoseError(err, invalidCode);
     }
-    const identity = identityFrom(payload);
+    const json = payloadJson(token);
+    if (hasDuplicateKeys(json)) {
+      return new GatewayError(invalidCode, { message: "The token's claims name the same key twice." });
+    }
+    const identity = identityFrom(payload, json);
     if (identity instanceof GatewayError) return identity;
     if (cacheSize > 0) {
       const until = Math.min(typeof payload.exp === 'number' ? payload.exp * 1000 : Infinity, now + SUB_CACHE_TTL_MS);

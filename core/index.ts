@@ -8,7 +8,8 @@ export { buildSnapshot, entryFromRow, FUNCTION_NAME, type CatalogRow, type Catal
 export { validateUpstreamUrl, type UpstreamTarget, type UpstreamValidation } from './upstream.ts';
 export { ForwardError, type Forwarder, type ForwardRequest, type ForwardFailure } from './forwarder.ts';
 export { GatewayError, ERROR_CODES, toResponse, type ErrorCode } from './errors.ts';
-export { encodeClaims, isSafeSub, ANONYMOUS, type Identity, type Role, type KeyConfig } from './identity.ts';
+export { isSafeSub, ANONYMOUS, type Identity, type Role, type KeyConfig } from './identity.ts';
+export { encodeClaims } from './claims.ts';
 export { isJwks } from './jwks.ts';
 export { silentLogger, type Logger, type LogLevel } from './log.ts';
 export { parseCidr } from './addresses.ts';

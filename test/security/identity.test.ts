@@ -4,6 +4,7 @@
  * credential spellings, forged algorithms, a `sub` that would split a header, and claims of
  * every kind of character decoding exactly at the real Go, Python and Node examples.
  */
+import { createHmac } from 'node:crypto';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import fc from 'fast-check';
 import { base64url, SignJWT, type JWTPayload } from 'jose';
@@ -245,6 +246,15 @@ describe('X-Pgstack-Claims decodes to exactly the claims at real upstreams (Go, 
       expect(echo.claims).toEqual({ ...wild, exp: echo.claims?.['exp'] });
       expect(echo.role).toBe('authenticated');
       expect(echo.sub).toBe('user-wild');
+
+      // The header is the payload as signed: 64-bit ids keep their digits, whatever the
+      // function's own JSON parser then makes of them.
+      const json = `{"role":"authenticated","sub":"user-big","user_id":1234567890123456789,"exp":${nowSec() + 600}}`;
+      const head = base64url.encode(JSON.stringify({ alg: 'HS256', typ: 'JWT' }));
+      const body = base64url.encode(json);
+      const mac = createHmac('sha256', TEST_SECRET).update(`${head}.${body}`).digest('base64url');
+      const big = await readEcho(await sendRequest(gw.port, `/functions/v1/claims-${kind}`, { headers: { authorization: `Bearer ${head}.${body}.${mac}` } }));
+      expect(big.headers['x-pgstack-claims']).toEqual([json]);
 
       const text = fc.string({ unit: 'binary', maxLength: 20 });
       const claims = fc.dictionary(text, fc.oneof(text, fc.integer(), fc.boolean(), fc.constant(null), fc.array(text, { maxLength: 3 })), { maxKeys: 5 });
