@@ -1,7 +1,8 @@
 /**
  * The address ranges the Node forwarder refuses to dial when a name was not mapped by the
- * operator (DESIGN section 5): loopback, unspecified, link-local (cloud metadata),
- * multicast and broadcast, in every IPv6 spelling that carries an IPv4 address.
+ * operator (DESIGN section 5): loopback, unspecified, link-local (cloud metadata), the
+ * metadata addresses outside link-local, multicast and broadcast, in every IPv6 spelling
+ * that carries an IPv4 address.
  *
  * Private ranges (10/8, 172.16/12, 192.168/16, fc00::/7) stay allowed: docker networks live there.
  */
@@ -13,12 +14,18 @@ V4.addSubnet('127.0.0.0', 8, 'ipv4'); // loopback
 V4.addSubnet('169.254.0.0', 16, 'ipv4'); // link-local, cloud metadata 169.254.169.254
 V4.addSubnet('224.0.0.0', 4, 'ipv4'); // multicast
 V4.addAddress('255.255.255.255', 'ipv4'); // limited broadcast
+V4.addAddress('100.100.100.200', 'ipv4'); // Alibaba Cloud metadata (outside 169.254/16)
 
 const V6 = new net.BlockList();
 V6.addAddress('::', 'ipv6'); // unspecified
 V6.addAddress('::1', 'ipv6'); // loopback
 V6.addSubnet('fe80::', 10, 'ipv6'); // link-local
 V6.addSubnet('ff00::', 8, 'ipv6'); // multicast
+V6.addAddress('fd00:ec2::254', 'ipv6'); // AWS instance metadata over IPv6 (Nitro)
+// Translation prefixes whose IPv4 part cannot be read off one fixed place: refused whole
+// (no function lives behind them on a container network).
+V6.addSubnet('64:ff9b:1::', 48, 'ipv6'); // RFC 8215 local-use NAT64 (prefix lengths vary)
+V6.addSubnet('2001::', 32, 'ipv6'); // Teredo (the IPv4 addresses are obfuscated)
 
 /** IPv6 prefixes whose last 32 bits are an IPv4 address the kernel (or a NAT64) will dial. */
 const EMBEDS_V4 = new net.BlockList();
@@ -45,13 +52,14 @@ function ipv6Groups(address: string): number[] {
   return [...head, ...new Array<number>(Math.max(0, 8 - head.length - rest.length)).fill(0), ...rest];
 }
 
-/** The IPv4 address carried in the last 32 bits of an IPv6 literal. */
-function embeddedIPv4(address: string): string {
-  const groups = ipv6Groups(address);
-  const hi = groups[6] ?? 0;
-  const lo = groups[7] ?? 0;
+/** The IPv4 address in the 16-bit groups `hi` and `lo`. */
+function ipv4Of(hi: number, lo: number): string {
   return `${hi >> 8}.${hi & 0xff}.${lo >> 8}.${lo & 0xff}`;
 }
+
+/** 6to4 (RFC 3056): 2002:AABB:CCDD::/48 routes to the IPv4 address AA.BB.CC.DD. */
+const SIX_TO_FOUR = new net.BlockList();
+SIX_TO_FOUR.addSubnet('2002::', 16, 'ipv6');
 
 /**
  * True when `ip` is in a refused range. Anything that is not an IP literal is refused too
@@ -64,6 +72,13 @@ export function isBlockedAddress(ip: string): boolean {
   const zone = ip.indexOf('%');
   const address = zone === -1 ? ip : ip.slice(0, zone);
   if (V6.check(address, 'ipv6')) return true;
-  if (EMBEDS_V4.check(address, 'ipv6')) return V4.check(embeddedIPv4(address), 'ipv4');
+  if (EMBEDS_V4.check(address, 'ipv6')) {
+    const groups = ipv6Groups(address);
+    return V4.check(ipv4Of(groups[6] ?? 0, groups[7] ?? 0), 'ipv4');
+  }
+  if (SIX_TO_FOUR.check(address, 'ipv6')) {
+    const groups = ipv6Groups(address);
+    return V4.check(ipv4Of(groups[1] ?? 0, groups[2] ?? 0), 'ipv4');
+  }
   return false;
 }

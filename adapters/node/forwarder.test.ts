@@ -740,11 +740,18 @@ describe('isBlockedAddress (classified only, never contacted)', () => {
     '::ffff:a9fe:a9fe',
     'fe80::1%eth0',
     'not-an-ip',
+    '100.100.100.200',
+    'fd00:ec2::254',
+    '64:ff9b:1::7f00:1',
+    '64:ff9b:1:ffff::1',
+    '2002:7f00:1::1',
+    '2002:a9fe:a9fe::',
+    '2001:0:4136:e378:8000:63bf:3fff:fdd2',
   ])('blocks %s', (ip) => {
     expect(isBlockedAddress(ip)).toBe(true);
   });
 
-  it.each(['10.0.0.5', '172.18.0.3', '192.168.1.2', '8.8.8.8', '2001:db8::1', 'fd00::12', '::ffff:10.0.0.5', '64:ff9b::808:808'])(
+  it.each(['10.0.0.5', '172.18.0.3', '192.168.1.2', '8.8.8.8', '2001:db8::1', 'fd00::12', '::ffff:10.0.0.5', '64:ff9b::808:808', '100.100.100.201', 'fd00:ec2::253', '2002:a00:5::1'])(
     'allows %s',
     (ip) => {
       expect(isBlockedAddress(ip)).toBe(false);
