@@ -9,6 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import pg from 'pg';
 import { REPO_ROOT } from './support/processes.ts';
 
 const exec = promisify(execFile);
@@ -83,6 +84,29 @@ describe('npm start on a fresh state folder', () => {
     const ok = await fetch(`${url}/functions/v1/hello`, { headers: { apikey: service, authorization: `Bearer ${service}` } });
     expect(ok.status).toBe(200);
     expect(((await ok.json()) as { role: string }).role).toBe('service_role');
+  });
+
+  it("the demo's name is mapped to loopback on the demo's port only: a row naming another local port is blocked", async () => {
+    const url = /Gateway\s+(\S+)/.exec(stdout)![1]!;
+    const database = /Database\s+(\S+)/.exec(stdout)![1]!;
+    const service = /Service key\s+(\S+)/.exec(stdout)![1]!;
+    const dbPort = new URL(database).port;
+    const client = new pg.Client({ connectionString: database });
+    await client.connect();
+    try {
+      await client.query("INSERT INTO pgstack.edge_functions (name, runtime, verify_jwt, upstream_url) VALUES ('sneaky', 'http', false, $1)", [`http://hello:${dbPort}`]);
+      let res: Response | undefined;
+      for (let i = 0; i < 100; i++) {
+        res = await fetch(`${url}/functions/v1/sneaky`, { headers: { authorization: `Bearer ${service}` } });
+        if (res.status !== 404) break;
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      expect(res!.status).toBe(502);
+      expect(((await res!.json()) as { code: string }).code).toBe('upstream_blocked');
+    } finally {
+      await client.query("DELETE FROM pgstack.edge_functions WHERE name = 'sneaky'");
+      await client.end();
+    }
   });
 
   it('a second npm start on the same state folder is refused with a message, and the first keeps serving', async () => {

@@ -5,7 +5,7 @@
 import { isIP } from 'node:net';
 import { isJwks, parseCidr, validateUpstreamUrl } from '../../core/index.ts';
 import type { JSONWebKeySet } from 'jose';
-import { parseUpstreamHosts } from './upstream-hosts.ts';
+import { parseUpstreamHosts, type MappedHost } from './upstream-hosts.ts';
 
 export class ConfigError extends Error {
   override readonly name = 'ConfigError';
@@ -22,7 +22,7 @@ export interface NodeConfig {
   readonly jwtIssuer: string | undefined;
   readonly jwtAudience: string | undefined;
   readonly edgeRuntimeUrl: string | undefined;
-  readonly upstreamHosts: ReadonlyMap<string, string>;
+  readonly upstreamHosts: ReadonlyMap<string, MappedHost>;
   readonly connectTimeoutMs: number;
   readonly headersTimeoutMs: number;
   readonly requestTimeoutMs: number;
@@ -122,7 +122,7 @@ export function loadConfig(env: Env = process.env): NodeConfig {
     if (!checked.ok) throw new ConfigError(`EDGE_RUNTIME_URL is refused: ${checked.reason}`);
   }
 
-  let upstreamHosts: Map<string, string>;
+  let upstreamHosts: Map<string, MappedHost>;
   try {
     upstreamHosts = parseUpstreamHosts(env['UPSTREAM_HOSTS']);
   } catch (err) {

@@ -95,7 +95,7 @@ function forwarder(options: Partial<UndiciForwarderOptions> = {}): NodeForwarder
   const created = createUndiciForwarder({
     connectTimeoutMs: 1_000,
     headersTimeoutMs: 5_000,
-    upstreamHosts: new Map([['fn-a', '127.0.0.1']]),
+    upstreamHosts: new Map([['fn-a', { address: '127.0.0.1' }]]),
     ...options,
   });
   cleanups.push(() => created.close());
@@ -453,9 +453,24 @@ describe('undici forwarder: failures', () => {
     expect(connections).toBe(0);
   });
 
+  it('a name mapped with a port is dialled on that port only; any other port is blocked before connecting', async () => {
+    let connections = 0;
+    const { port } = await httpServer((_req, res) => {
+      connections += 1;
+      res.end('pinned');
+    });
+    const other = await closedPort();
+    const { forward } = forwarder({ upstreamHosts: new Map([['my-fn', { address: '127.0.0.1', port }]]) });
+    expect(await (await forward(call(entry(port, 'my-fn')))).text()).toBe('pinned');
+    const err = await failure(forward(call(entry(other, 'my-fn'))));
+    expect(err.kind).toBe('blocked');
+    expect(err.message).toContain(`UPSTREAM_HOSTS maps my-fn to port ${port} only`);
+    expect(connections).toBe(1);
+  });
+
   it('dials a mapped name at its loopback address (the operator meant it)', async () => {
     const { port } = await httpServer((_req, res) => res.end('mapped'));
-    const { forward } = forwarder({ upstreamHosts: new Map([['my-fn', '127.0.0.1']]) });
+    const { forward } = forwarder({ upstreamHosts: new Map([['my-fn', { address: '127.0.0.1' }]]) });
     const response = await forward(call(entry(port, 'my-fn')));
     expect(await response.text()).toBe('mapped');
   });
@@ -707,7 +722,7 @@ describe('undici forwarder: client abort and deadline', () => {
     const created = createUndiciForwarder({
       connectTimeoutMs: 1_000,
       headersTimeoutMs: 1_000,
-      upstreamHosts: new Map([['fn-a', '127.0.0.1']]),
+      upstreamHosts: new Map([['fn-a', { address: '127.0.0.1' }]]),
       closeTimeoutMs: 200,
     });
     const response = await created.forward(call(entry(port)));

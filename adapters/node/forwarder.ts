@@ -22,14 +22,18 @@ import { isGatewayError } from '../../core/errors.ts';
 import { ForwardError, type ForwardFailure, type ForwardRequest, type Forwarder } from '../../core/forwarder.ts';
 import type { Logger } from '../../core/log.ts';
 import { isBlockedAddress } from './blocked-addresses.ts';
+import type { MappedHost } from './upstream-hosts.ts';
 
 export interface UndiciForwarderOptions {
   /** TCP(+TLS) connect deadline, name resolution included -> ForwardError('connect_timeout'). */
   connectTimeoutMs: number;
   /** From the request being written to the response head -> ForwardError('headers_timeout'). */
   headersTimeoutMs: number;
-  /** Operator mapping name -> IP literal (UPSTREAM_HOSTS, like compose extra_hosts). */
-  upstreamHosts: ReadonlyMap<string, string>;
+  /**
+   * Operator mapping name -> IP literal and optional port (UPSTREAM_HOSTS, like compose
+   * extra_hosts). Read at each connect, so a host may add entries later (the demo does).
+   */
+  upstreamHosts: ReadonlyMap<string, MappedHost>;
   /** Idle pooled socket lifetime, default 4_000 (below common upstream idle timeouts of 5 s). */
   keepAliveTimeoutMs?: number;
   /** Pooled connections per upstream origin, default 128. */
@@ -49,8 +53,8 @@ export class BlockedAddressError extends Error {
   readonly code = 'EPGSTACK_BLOCKED_ADDRESS';
   readonly hostname: string;
   readonly address: string;
-  constructor(hostname: string, address: string) {
-    super(`refusing to connect to ${hostname} at ${address}: address is in a blocked range (loopback, link-local, unspecified, multicast or broadcast)`);
+  constructor(hostname: string, address: string, reason = 'address is in a blocked range (loopback, link-local, metadata, unspecified, multicast or broadcast)') {
+    super(`refusing to connect to ${hostname} at ${address}: ${reason}`);
     this.name = 'BlockedAddressError';
     this.hostname = hostname;
     this.address = address;
@@ -66,9 +70,9 @@ export class BlockedAddressError extends Error {
  * and are refused when ANY address is in a blocked range. Refusing the whole name rather
  * than filtering keeps a name that mixes a sibling address with 127.0.0.1 (rebinding) out.
  */
-export function createUpstreamLookup(upstreamHosts: ReadonlyMap<string, string>): net.LookupFunction {
+export function createUpstreamLookup(upstreamHosts: ReadonlyMap<string, MappedHost>): net.LookupFunction {
   return (hostname, options, callback) => {
-    const mapped = upstreamHosts.get(hostname.toLowerCase());
+    const mapped = upstreamHosts.get(hostname.toLowerCase())?.address;
     if (mapped !== undefined) {
       const family = net.isIP(mapped);
       if (options.all) callback(null, [{ address: mapped, family }]);
@@ -165,7 +169,8 @@ const DESCRIPTIONS: Record<ForwardFailure, string> = {
 function toForwardError(req: ForwardRequest, err: unknown): ForwardError {
   const kind = classifyTransportError(err);
   const code = errorCode(err);
-  const detail = code ?? (err instanceof Error ? err.message : String(err));
+  // (The log line's detail; the client only ever sees the code.)
+  const detail = err instanceof BlockedAddressError ? err.message : (code ?? (err instanceof Error ? err.message : String(err)));
   // The usual first-day mistake: a bare container name outside Docker. Say what fixes it.
   const hint =
     code === 'ENOTFOUND' || code === 'EAI_AGAIN'
@@ -373,6 +378,15 @@ export function createUndiciForwarder(options: UndiciForwarderOptions): NodeForw
     if (net.isIP(host) !== 0 && isBlockedAddress(host)) {
       callback(new BlockedAddressError(host, host), null);
       return;
+    }
+    // A name mapped with a port is dialled on that port only.
+    const pinned = upstreamHosts.get(host.toLowerCase());
+    if (pinned?.port !== undefined) {
+      const port = Number(connectOptions.port) || (connectOptions.protocol === 'https:' ? 443 : 80);
+      if (port !== pinned.port) {
+        callback(new BlockedAddressError(host, `${pinned.address}:${port}`, `UPSTREAM_HOSTS maps ${host} to port ${pinned.port} only`), null);
+        return;
+      }
     }
     baseConnect(connectOptions, callback);
   };

@@ -80,11 +80,12 @@ export async function startGateway(config: NodeConfig, log: Logger): Promise<Run
       audience: config.jwtAudience,
     };
 
-    // The demo runs on this machine: map its bare name to loopback explicitly, as an
-    // operator would with UPSTREAM_HOSTS. (The forwarder reads the map at each connect.)
+    // The demo runs on this machine: once it listens, its bare name is mapped to loopback on
+    // its port only, as an operator would with UPSTREAM_HOSTS=hello=127.0.0.1:PORT (no
+    // catalog row can reach another local port through it). The forwarder reads the map at
+    // each connect.
     const upstreamHosts = new Map(config.upstreamHosts);
     const withDemo = embedded !== undefined && config.demo;
-    if (withDemo && !upstreamHosts.has('hello')) upstreamHosts.set('hello', '127.0.0.1');
 
     // The embedded database is ours and up: migrate before anything reads the catalog. A
     // given database may not be up yet: the catalog applies the schema in the background,
@@ -147,6 +148,7 @@ export async function startGateway(config: NodeConfig, log: Logger): Promise<Run
     if (withDemo) {
       demo = await startDemoFunction();
       cleanups.push(() => demo!.stop());
+      if (!upstreamHosts.has('hello')) upstreamHosts.set('hello', { address: '127.0.0.1', port: demo.port });
       await upsertFunction(databaseUrl, { name: 'hello', runtime: 'http', verifyJwt: true, upstreamUrl: `http://hello:${demo.port}` });
     }
     catalog.start();

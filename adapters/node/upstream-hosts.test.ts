@@ -5,9 +5,19 @@ describe('parseUpstreamHosts', () => {
   it('reads name=address pairs, spaces around items allowed', () => {
     const hosts = parseUpstreamHosts(' hello-go=127.0.0.1 , Legacy_fn = 10.0.0.7,v6=fd00::12 ');
     expect([...hosts]).toEqual([
-      ['hello-go', '127.0.0.1'],
-      ['legacy_fn', '10.0.0.7'],
-      ['v6', 'fd00::12'],
+      ['hello-go', { address: '127.0.0.1' }],
+      ['legacy_fn', { address: '10.0.0.7' }],
+      ['v6', { address: 'fd00::12' }],
+    ]);
+  });
+
+  it('reads an optional port that pins the name to it (IPv6 in brackets)', () => {
+    const hosts = parseUpstreamHosts('a=127.0.0.1:8001,b=[::1]:9000,c=[fd00::12],d=10.0.0.7:65535');
+    expect([...hosts]).toEqual([
+      ['a', { address: '127.0.0.1', port: 8001 }],
+      ['b', { address: '::1', port: 9000 }],
+      ['c', { address: 'fd00::12' }],
+      ['d', { address: '10.0.0.7', port: 65535 }],
     ]);
   });
 
@@ -22,7 +32,13 @@ describe('parseUpstreamHosts', () => {
     ['hello=', 'IPv4 or IPv6'],
     ['hello=example.com', 'IPv4 or IPv6'],
     ['hello=127.1', 'IPv4 or IPv6'],
-    ['hello=[::1]', 'IPv4 or IPv6'],
+    ['hello=[127.0.0.1]', 'IPv4 or IPv6'],
+    ['hello=127.0.0.1:', 'IPv4 or IPv6'],
+    ['hello=127.0.0.1:0', 'port must be 1..65535'],
+    ['hello=127.0.0.1:65536', 'port must be 1..65535'],
+    ['hello=127.0.0.1:80:80', 'IPv4 or IPv6'],
+    ['hello=[::1]:x', 'IPv4 or IPv6'],
+    ['hello=localhost:80', 'IPv4 or IPv6'],
     ['=127.0.0.1', 'bare hostname'],
     ['fn.internal=10.0.0.1', 'bare hostname'],
     ['-fn=10.0.0.1', 'bare hostname'],

@@ -19,7 +19,7 @@ const log = createJsonLogger('info');
 const forwarder = createUndiciForwarder({
   connectTimeoutMs: DEFAULTS.UPSTREAM_CONNECT_TIMEOUT_MS,
   headersTimeoutMs: DEFAULTS.UPSTREAM_HEADERS_TIMEOUT_MS,
-  upstreamHosts: new Map([['bench-upstream', '127.0.0.1']]),
+  upstreamHosts: new Map([['bench-upstream', { address: '127.0.0.1' }]]),
   log,
 });
 const gateway = createGateway(

@@ -203,7 +203,7 @@ describe('a function replaced under the same name at a new address', () => {
     const old = await startHttpUpstream((_req, res) => res.end('old'), { host: '127.0.0.2', port });
     const fresh = await startHttpUpstream((_req, res) => res.end('new'), { host: '127.0.0.3', port });
     upstreams.push(fresh);
-    const hosts = new Map([['fn', '127.0.0.2']]);
+    const hosts = new Map([['fn', { address: '127.0.0.2' }]]);
     const forwarder = createUndiciForwarder({ connectTimeoutMs: 1_000, headersTimeoutMs: 2_000, upstreamHosts: hosts });
     const fn = buildSnapshot([{ name: 'fn', runtime: 'http', verify_jwt: false, upstream_url: `http://fn:${port}` }]).functions.get('fn')!;
     const call = async () => {
@@ -224,7 +224,7 @@ describe('a function replaced under the same name at a new address', () => {
       expect(await call()).toBe('old'); // pooled connection reused
       // Replace: the old server goes away (its connections with it), the name moves.
       await old.close();
-      hosts.set('fn', '127.0.0.3');
+      hosts.set('fn', { address: '127.0.0.3' });
       expect(await call()).toBe('new');
       expect(await call()).toBe('new');
     } finally {
@@ -236,7 +236,7 @@ describe('a function replaced under the same name at a new address', () => {
     const port = await freePort();
     const fresh = await startHttpUpstream((_req, res) => res.end('new'), { host: '127.0.0.3', port });
     upstreams.push(fresh);
-    const hosts = new Map([['fn', '127.0.0.2']]); // nothing listens there
+    const hosts = new Map([['fn', { address: '127.0.0.2' }]]); // nothing listens there
     const forwarder = createUndiciForwarder({ connectTimeoutMs: 1_000, headersTimeoutMs: 2_000, upstreamHosts: hosts });
     const fn = buildSnapshot([{ name: 'fn', runtime: 'http', verify_jwt: false, upstream_url: `http://fn:${port}` }]).functions.get('fn')!;
     const req = () => ({
@@ -251,7 +251,7 @@ describe('a function replaced under the same name at a new address', () => {
     });
     try {
       await expect(forwarder.forward(req())).rejects.toMatchObject({ kind: 'unreachable' });
-      hosts.set('fn', '127.0.0.3');
+      hosts.set('fn', { address: '127.0.0.3' });
       expect(await (await forwarder.forward(req())).text()).toBe('new');
     } finally {
       await forwarder.close();
