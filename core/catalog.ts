@@ -3,7 +3,7 @@
  * path needs, computed once per load. A reload builds a new snapshot and the host swaps
  * it in with one assignment; in-flight requests keep the one they started with.
  */
-import { validateUpstreamUrl, type UpstreamTarget } from './upstream.ts';
+import { validateUpstreamUrl, type UpstreamTarget, type UpstreamValidation } from './upstream.ts';
 
 /** A row of pgstack.edge_functions as a driver returns it (values untrusted). */
 export interface CatalogRow {
@@ -39,6 +39,11 @@ export interface CatalogSnapshot {
   readonly dropped: readonly DroppedRow[];
   /** Epoch ms of the load. */
   readonly loadedAt: number;
+  /**
+   * Upstream validations of this load by URL text, for the next build to reuse: a reload
+   * re-checks only URLs it has not seen (rows share few upstreams; deno rows share one).
+   */
+  readonly checkedUrls: ReadonlyMap<string, UpstreamValidation>;
 }
 
 /** Function names: URL-safe slug, 1..128 chars (the same rule as the SQL CHECK). */
@@ -48,6 +53,21 @@ export interface BuildOptions {
   /** Upstream of every runtime='deno' row; rows of that runtime are dropped when unset. */
   readonly edgeRuntimeUrl?: string | undefined;
   readonly now?: number;
+  /** The snapshot this one replaces: its URL validations are reused. */
+  readonly previous?: CatalogSnapshot | undefined;
+}
+
+/** validateUpstreamUrl, answered from `known` when it has the URL; the result is kept in `seen`. */
+type UrlCheck = (raw: unknown) => UpstreamValidation;
+
+function memoizedCheck(known: ReadonlyMap<string, UpstreamValidation> | undefined, seen: Map<string, UpstreamValidation>): UrlCheck {
+  return (raw) => {
+    if (typeof raw !== 'string') return validateUpstreamUrl(raw);
+    let result = seen.get(raw) ?? known?.get(raw);
+    if (result === undefined) result = validateUpstreamUrl(raw);
+    seen.set(raw, result);
+    return result;
+  };
 }
 
 function optionalPositiveInt(value: unknown): number | undefined | null {
@@ -58,7 +78,7 @@ function optionalPositiveInt(value: unknown): number | undefined | null {
 }
 
 /** Validates one row. Returns the entry, or the reason the row is dropped. Never throws. */
-export function entryFromRow(row: CatalogRow, options: BuildOptions = {}): FunctionEntry | DroppedRow {
+export function entryFromRow(row: CatalogRow, options: BuildOptions = {}, check: UrlCheck = validateUpstreamUrl): FunctionEntry | DroppedRow {
   const name = typeof row.name === 'string' ? row.name : String(row.name);
   if (!FUNCTION_NAME.test(name)) return { name, reason: 'name is not a slug of letters, digits, - and _ (1..128)' };
   if (row.runtime !== 'deno' && row.runtime !== 'http') return { name, reason: `runtime ${JSON.stringify(row.runtime)} is neither 'deno' nor 'http'` };
@@ -71,7 +91,7 @@ export function entryFromRow(row: CatalogRow, options: BuildOptions = {}): Funct
     raw = row.upstream_url;
     if (raw === null || raw === undefined || raw === '') return { name, reason: "runtime 'http' needs an upstream_url" };
   }
-  const checked = validateUpstreamUrl(raw);
+  const checked = check(raw);
   if (!checked.ok) return { name, reason: checked.reason };
   const timeoutMs = optionalPositiveInt(row.timeout_ms);
   if (timeoutMs === null) return { name, reason: 'timeout_ms must be a positive integer or NULL' };
@@ -84,10 +104,12 @@ export function entryFromRow(row: CatalogRow, options: BuildOptions = {}): Funct
 export function buildSnapshot(rows: Iterable<CatalogRow>, options: BuildOptions = {}): CatalogSnapshot {
   const functions = new Map<string, FunctionEntry>();
   const dropped: DroppedRow[] = [];
+  const checkedUrls = new Map<string, UpstreamValidation>();
+  const check = memoizedCheck(options.previous?.checkedUrls, checkedUrls);
   for (const row of rows) {
-    const result = entryFromRow(row, options);
+    const result = entryFromRow(row, options, check);
     if ('reason' in result) dropped.push(result);
     else functions.set(result.name, result);
   }
-  return Object.freeze({ functions, dropped: Object.freeze(dropped), loadedAt: options.now ?? Date.now() });
+  return Object.freeze({ functions, dropped: Object.freeze(dropped), loadedAt: options.now ?? Date.now(), checkedUrls });
 }

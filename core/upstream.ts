@@ -47,7 +47,7 @@ export type UpstreamValidation =
   | { readonly ok: true; readonly target: UpstreamTarget }
   | { readonly ok: false; readonly reason: string };
 
-const fail = (reason: string): UpstreamValidation => ({ ok: false, reason });
+const fail = (reason: string): UpstreamValidation => Object.freeze({ ok: false, reason });
 
 /** Splits `scheme://authority/path...` without normalising anything. */
 function rawAuthority(raw: string): { authority: string; rest: string } | undefined {
@@ -101,8 +101,9 @@ export function validateUpstreamUrl(raw: unknown): UpstreamValidation {
   const port = url.port === '' ? (protocol === 'https:' ? 443 : 80) : Number(url.port);
   if (port === 0) return fail('upstream_url port 0 is not dialable');
   const basePath = url.pathname.replace(/\/+$/, '');
-  return {
+  // Frozen: one result is shared by every row naming the same URL (see catalog.ts).
+  return Object.freeze({
     ok: true,
-    target: { protocol, hostname: host, port, origin: `${protocol}//${host}:${port}`, basePath },
-  };
+    target: Object.freeze({ protocol, hostname: host, port, origin: `${protocol}//${host}:${port}`, basePath }),
+  });
 }

@@ -162,7 +162,7 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
       throw err;
     }
     if (stopped) return;
-    const next = buildSnapshot(rows, { edgeRuntimeUrl });
+    const next = buildSnapshot(rows, { edgeRuntimeUrl, previous: snapshot });
     snapshot = next;
     reloads++;
     logDropped(next);
