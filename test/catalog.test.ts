@@ -4,6 +4,7 @@
  * after pg_terminate_backend with a full reload, bursts coalesce, and the latency from commit
  * to visibility is measured.
  */
+import net from 'node:net';
 import pg from 'pg';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import type { CatalogSnapshot } from '../core/catalog.ts';
@@ -145,6 +146,69 @@ describe('live catalog', () => {
     // And it listens again.
     await insert('after');
     await vi.waitFor(() => expect(source.current()?.functions.has('after')).toBe(true), WAIT);
+  });
+
+  it('a heartbeat keeps the listener up under an idle timeout that would drop it', async () => {
+    const { rows } = await db.sql('SELECT current_database() AS name');
+    await db.sql(`ALTER DATABASE ${rows[0].name} SET idle_session_timeout = '700ms'`);
+    try {
+      const sample = async (source: CatalogSource): Promise<boolean> => {
+        let alwaysUp = true;
+        for (const deadline = Date.now() + 2_500; Date.now() < deadline; ) {
+          alwaysUp &&= source.listening();
+          await new Promise((r) => setTimeout(r, 20));
+        }
+        return alwaysUp;
+      };
+      // Without a heartbeat inside the timeout the server drops the idle LISTEN session...
+      const idle = await startCatalog({ heartbeatMs: 60_000, reconnectMinMs: 200, reconnectMaxMs: 400 });
+      expect(await sample(idle)).toBe(false);
+      await idle.stop();
+      // ...with one it stays up, and changes keep arriving.
+      const beating = await startCatalog({ heartbeatMs: 250 });
+      expect(await sample(beating)).toBe(true);
+      expect(beating.stats().reconnects).toBe(0);
+      await insert('kept');
+      await vi.waitFor(() => expect(beating.current()?.functions.has('kept')).toBe(true), WAIT);
+    } finally {
+      await db.sql(`ALTER DATABASE ${rows[0].name} RESET idle_session_timeout`);
+    }
+  });
+
+  it('a connection that stops answering (blackholed) is noticed by the heartbeat and replaced', async () => {
+    // A TCP relay to the database that can freeze: it keeps the sockets open, forwards nothing.
+    const target = new URL(db.url);
+    let frozen = false;
+    const relayed = new Set<net.Socket>();
+    const relay = net.createServer((inbound) => {
+      const outbound = net.connect(Number(target.port), target.hostname);
+      relayed.add(inbound).add(outbound);
+      for (const [from, to] of [[inbound, outbound], [outbound, inbound]] as const) {
+        from.on('data', (chunk) => {
+          if (!frozen) to.write(chunk);
+        });
+        from.on('error', () => to.destroy());
+        from.on('close', () => to.destroy());
+      }
+    });
+    await new Promise<void>((resolve) => relay.listen(0, '127.0.0.1', () => resolve()));
+    try {
+      const url = new URL(db.url);
+      url.port = String((relay.address() as net.AddressInfo).port);
+      const source = await startCatalog({ databaseUrl: url.toString(), heartbeatMs: 200, heartbeatTimeoutMs: 500, reconnectMinMs: 100, reconnectMaxMs: 200 });
+      expect(source.listening()).toBe(true);
+      frozen = true;
+      const started = Date.now();
+      await vi.waitFor(() => expect(source.listening()).toBe(false), { timeout: 3_000, interval: 20 });
+      expect(Date.now() - started).toBeLessThan(2_000);
+      expect(logs.some((l) => l.message.startsWith('catalog listener lost') && String(l.fields?.['error']).includes('heartbeat'))).toBe(true);
+      for (const socket of relayed) socket.destroy();
+      frozen = false;
+      await vi.waitFor(() => expect(source.listening()).toBe(true), WAIT);
+    } finally {
+      for (const socket of relayed) socket.destroy();
+      relay.close();
+    }
   });
 
   it('reloads on the backstop timer even when no notification comes', async () => {

@@ -24,8 +24,16 @@ export interface PostgresCatalogOptions {
   databaseUrl: string;
   /** Upstream of runtime='deno' rows, passed to buildSnapshot. */
   edgeRuntimeUrl?: string;
-  /** Periodic full reload guarding against a silently dead listener. Default 60,000. */
+  /** Periodic full reload guarding against a lost notification. Default 60,000. */
   backstopIntervalMs?: number;
+  /**
+   * A `SELECT 1` on the LISTEN connection this often, so it is never idle long enough for
+   * an idle timeout (idle_session_timeout, a pooler, a NAT) to drop it, and a dead one is
+   * noticed within this plus heartbeatTimeoutMs. Default 10,000.
+   */
+  heartbeatMs?: number;
+  /** A heartbeat without an answer in this time means the connection is dead. Default 5,000. */
+  heartbeatTimeoutMs?: number;
   /** Reconnect backoff: capped exponential with jitter, from min to max. Defaults 100 and 5,000. */
   reconnectMinMs?: number;
   reconnectMaxMs?: number;
@@ -66,7 +74,7 @@ const LOAD_CLIENT_TIMEOUT_MS = 15_000;
 const CONNECT_TIMEOUT_MS = 5_000;
 const END_TIMEOUT_MS = 2_000;
 /** A connection that lived this long resets the reconnect backoff; shorter ones keep widening it. */
-const STABLE_CONNECTION_MS = 30_000;
+const STABLE_CONNECTION_MS = 5_000;
 /** Pacing of reloads during a burst of notifications (see the head of this file). */
 const PACING_MIN_MS = 10;
 const PACING_MAX_MS = 50;
@@ -79,6 +87,8 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
   const { databaseUrl, edgeRuntimeUrl, log, onReload } = options;
   let prepared = options.prepare === undefined;
   const backstopIntervalMs = options.backstopIntervalMs ?? 60_000;
+  const heartbeatMs = options.heartbeatMs ?? 10_000;
+  const heartbeatTimeoutMs = options.heartbeatTimeoutMs ?? 5_000;
   const reconnectMinMs = options.reconnectMinMs ?? 100;
   const reconnectMaxMs = Math.max(options.reconnectMaxMs ?? 5_000, reconnectMinMs);
 
@@ -110,6 +120,7 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
   let droppedSeen = new Set<string>();
 
   let backstop: NodeJS.Timeout | undefined;
+  let heartbeat: NodeJS.Timeout | undefined;
   /** Wakers of the pending sleeps (reconnect backoff, burst spacing), for stop(). */
   const sleepers = new Set<() => void>();
 
@@ -240,6 +251,15 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
     clearTimeout(timer);
   }
 
+  /** One heartbeat on the LISTEN connection; a failure or no answer is a lost connection. */
+  function beat(): void {
+    const c = client;
+    if (!c) return;
+    // (pg reads a per-query `query_timeout`; its typings do not list it.)
+    const query = { text: 'SELECT 1', query_timeout: heartbeatTimeoutMs } as pg.QueryConfig;
+    c.query(query).catch((err: unknown) => connectionLost(c, new Error(`heartbeat failed: ${message(err)}`)));
+  }
+
   function connectionLost(c: pg.Client, err: unknown): void {
     if (c !== client) return; // an old or not yet established connection: handled where it is awaited
     client = undefined;
@@ -329,6 +349,8 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
         if (client) requestReload().catch(noop);
       }, backstopIntervalMs);
       backstop.unref();
+      heartbeat = setInterval(beat, heartbeatMs);
+      heartbeat.unref();
     },
     firstLoad: () => first,
     reloadNow: () => (stopped ? Promise.reject(new Error('the catalog is stopped')) : requestReload()),
@@ -336,6 +358,7 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
       if (stopped) return;
       stopped = true;
       clearInterval(backstop);
+      clearInterval(heartbeat);
       for (const wake of [...sleepers]) wake();
       rejectFirst(new Error('the catalog was stopped before its first load'));
       const closing = [client, opening].filter((c): c is pg.Client => c !== undefined);

@@ -96,7 +96,7 @@ export async function startGateway(config: NodeConfig, log: Logger): Promise<Run
       edgeRuntimeUrl: config.edgeRuntimeUrl,
       backstopIntervalMs: config.catalogBackstopMs,
       log,
-      ...(config.migrateOnStart && !migrateNow ? { prepare: () => migrate(databaseUrl, { log }) } : {}),
+      ...(config.migrateOnStart && !migrateNow ? { prepare: () => migrateUnlessRefused(databaseUrl, log) } : {}),
     });
     cleanups.push(() => catalog.stop());
 
@@ -179,6 +179,24 @@ export async function startGateway(config: NodeConfig, log: Logger): Promise<Run
   } catch (err) {
     await cleanup();
     throw err;
+  }
+}
+
+/**
+ * MIGRATE_ON_START with a given database: a role that may read the catalog but not change
+ * the schema (least privilege) is a configuration the gateway can still serve with. The
+ * refusal is said once, with what to do, and the catalog goes on to LISTEN and load.
+ * Any other failure rejects (and is retried as the database being unavailable).
+ */
+async function migrateUnlessRefused(databaseUrl: string, log: Logger): Promise<void> {
+  try {
+    await migrate(databaseUrl, { log });
+  } catch (err) {
+    if ((err as { code?: string }).code !== '42501') throw err; // insufficient_privilege
+    log('error', 'MIGRATE_ON_START: this database role may not apply the schema; serving the catalog as it is', {
+      error: err instanceof Error ? err.message : String(err),
+      hint: 'apply sql/schema.sql with an owner role (pgstack migrate) and set MIGRATE_ON_START=false for this gateway',
+    });
   }
 }
 

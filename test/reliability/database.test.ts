@@ -156,3 +156,33 @@ describe('a change whose notification is lost', () => {
     expect(took).toBeLessThan(2_500);
   });
 });
+
+describe('a least-privilege database role (SELECT on the catalog only) with MIGRATE_ON_START on', () => {
+  it('says once that it may not apply the schema, with the fix, and serves the catalog', async () => {
+    const role = `pgstack_ro_${randomBytes(4).toString('hex')}`;
+    const password = randomBytes(12).toString('hex');
+    await sql(`CREATE ROLE ${role} LOGIN PASSWORD '${password}'`);
+    await sql(`GRANT USAGE ON SCHEMA pgstack TO ${role}`);
+    await sql(`GRANT SELECT ON pgstack.edge_functions TO ${role}`);
+    const url = new URL(databaseUrl);
+    url.username = role;
+    url.password = password;
+    let readOnly: TestGateway | undefined;
+    try {
+      readOnly = await startTestGateway(url.toString(), { UPSTREAM_HOSTS: 'db-fn=127.0.0.1', MIGRATE_ON_START: 'true' });
+      const ro = readOnly;
+      await until(async () => (await ro.call('/readyz')).status === 200, 10_000, 50, 'the read-only gateway ready');
+      const res = await ro.call('/functions/v1/db-fn');
+      expect(res.status).toBe(200);
+      const refusals = ro.logs.filter((l) => String(l['msg']).startsWith('MIGRATE_ON_START: this database role may not apply the schema'));
+      expect(refusals).toHaveLength(1);
+      expect(refusals[0]!['level']).toBe('error');
+      expect(String(refusals[0]!['hint'])).toContain('MIGRATE_ON_START=false');
+      expect(ro.logs.some((l) => String(l['msg']).startsWith('catalog database unavailable'))).toBe(false);
+    } finally {
+      await readOnly?.stop();
+      await sql(`DROP OWNED BY ${role}`);
+      await sql(`DROP ROLE ${role}`);
+    }
+  }, 30_000);
+});
