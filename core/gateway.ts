@@ -256,7 +256,8 @@ export function createGateway(config: GatewayConfig, deps: GatewayDeps): Gateway
     } catch (err) {
       if (limited.exceeded()) throw new GatewayError('payload_too_large', { cause: err });
       // The client left: not an upstream failure (nor an alert an outsider can inflate).
-      if ((context.signal ?? request.signal).aborted) throw new GatewayError('client_closed_request', { cause: err });
+      // While draining, the host cut it at the end of its grace period.
+      if ((context.signal ?? request.signal).aborted) throw new GatewayError(draining ? 'shutting_down' : 'client_closed_request', { cause: err });
       if (err instanceof ForwardError) throw new GatewayError(FAILURE_CODES[err.kind], { cause: err });
       if (isGatewayError(err)) throw err;
       throw new GatewayError('upstream_unreachable', { cause: err });

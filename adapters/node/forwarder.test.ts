@@ -714,6 +714,25 @@ describe('undici forwarder: client abort and deadline', () => {
     await expect(within(forward(call(entry(port), { method: 'POST', body })), 3_000, 'the body error')).rejects.toBe(tooLarge);
   });
 
+  it('abortAll() rejects an exchange waiting for its head with the reason, and cuts one streaming', async () => {
+    const { port } = await httpServer((req, res) => {
+      if (req.url === '/stream') {
+        res.writeHead(200);
+        res.write('part;');
+      } // else: never answers
+    });
+    const created = forwarder();
+    const streaming = await created.forward(call(entry(port), { path: '/stream' }));
+    const reader = streaming.body!.getReader();
+    await within(reader.read(), 2_000, 'the first chunk');
+    const waiting = created.forward(call(entry(port), { path: '/wait' }));
+    await sleep(50);
+    const reason = new GatewayError('shutting_down');
+    created.abortAll(reason);
+    await expect(within(waiting, 2_000, 'the abort')).rejects.toBe(reason);
+    await rejection(reader.read(), 2_000, 'the cut body');
+  });
+
   it('close() destroys an exchange still streaming after its grace period', async () => {
     const { port } = await httpServer((_req, res) => {
       res.writeHead(200);

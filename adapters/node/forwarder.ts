@@ -45,6 +45,11 @@ export interface UndiciForwarderOptions {
 
 export interface NodeForwarder {
   forward: Forwarder;
+  /**
+   * Aborts every exchange in flight with `reason` (the end of a shutdown's grace period):
+   * one still waiting for its head rejects with it, one streaming its body is cut.
+   */
+  abortAll(reason: unknown): void;
   close(): Promise<void>;
 }
 
@@ -330,9 +335,9 @@ class Exchange extends EventEmitter {
   deadline: NodeJS.Timeout | undefined = undefined;
   private finished = false;
   private readonly client: AbortSignal;
-  private readonly onFinish: () => void;
+  private readonly onFinish: (exchange: Exchange) => void;
 
-  constructor(client: AbortSignal, onFinish: () => void) {
+  constructor(client: AbortSignal, onFinish: (exchange: Exchange) => void) {
     super();
     this.client = client;
     this.onFinish = onFinish;
@@ -358,7 +363,7 @@ class Exchange extends EventEmitter {
     this.finished = true;
     clearTimeout(this.deadline);
     this.client.removeEventListener('abort', this);
-    this.onFinish();
+    this.onFinish(this);
   }
 }
 
@@ -405,20 +410,20 @@ export function createUndiciForwarder(options: UndiciForwarderOptions): NodeForw
   // request here gets a connection of its own (and sends `connection: close`).
   const freshAgent = new Agent({ ...agentOptions, pipelining: 0 });
 
-  let inFlight = 0;
+  const live = new Set<Exchange>();
   let onIdle: (() => void) | undefined;
-  const exchangeFinished = (): void => {
-    inFlight -= 1;
-    if (inFlight === 0) onIdle?.();
+  const exchangeFinished = (exchange: Exchange): void => {
+    live.delete(exchange);
+    if (live.size === 0) onIdle?.();
   };
 
   const forward: Forwarder = async (req) => {
-    inFlight += 1;
     // One signal for undici carries both ends of the exchange: the client leaving (its
     // reason, unchanged) and the overall deadline. Before the head undici rejects with the
     // reason; after it, undici destroys the response body with it, which also closes the
     // upstream socket.
     const exchange = new Exchange(req.signal, exchangeFinished);
+    live.add(exchange);
     if (Number.isFinite(req.deadlineMs) && req.deadlineMs > 0) {
       exchange.deadline = setTimeout(() => {
         exchange.abort(new ForwardError('deadline', `upstream ${req.fn.name} (${req.fn.upstream.origin}) exceeded the ${req.deadlineMs} ms deadline`));
@@ -494,7 +499,7 @@ export function createUndiciForwarder(options: UndiciForwarderOptions): NodeForw
   let closing: Promise<void> | undefined;
   const close = (): Promise<void> => {
     closing ??= (async () => {
-      if (inFlight > 0) {
+      if (live.size > 0) {
         let timer: NodeJS.Timeout | undefined;
         const drained = await Promise.race([
           new Promise<true>((resolve) => {
@@ -505,12 +510,16 @@ export function createUndiciForwarder(options: UndiciForwarderOptions): NodeForw
           }),
         ]);
         clearTimeout(timer);
-        if (!drained) log?.('warn', 'upstream exchanges still in flight at shutdown; destroying them', { inFlight, timeoutMs: closeTimeoutMs });
+        if (!drained) log?.('warn', 'upstream exchanges still in flight at shutdown; destroying them', { inFlight: live.size, timeoutMs: closeTimeoutMs });
       }
       await Promise.all([agent.destroy(), freshAgent.destroy()]).catch(noop);
     })();
     return closing;
   };
 
-  return { forward, close };
+  const abortAll = (reason: unknown): void => {
+    for (const exchange of [...live]) exchange.abort(reason);
+  };
+
+  return { forward, abortAll, close };
 }

@@ -8,7 +8,8 @@ import type { Server } from 'node:http';
 import { Response as WhatwgResponse } from '@whatwg-node/fetch';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { Gateway } from '../../core/index.ts';
-import { createListener } from './listener.ts';
+import { GatewayError } from '../../core/index.ts';
+import { answerAwaiting, createListener } from './listener.ts';
 
 let server: Server | undefined;
 afterEach(async () => {
@@ -48,5 +49,22 @@ describe('listener: answers Node cannot write', () => {
     expect(res.status).toBe(500);
     expect(((await res.json()) as { code: string }).code).toBe('internal_error');
     expect(logged).toContain('error the listener failed to answer a request');
+  });
+});
+
+describe('listener: answerAwaiting', () => {
+  it('answers every request the core has not answered yet, and leaves answered ones alone', async () => {
+    const logged: string[] = [];
+    const url = await listen((request) => (new URL(request.url).pathname === '/fast' ? Promise.resolve(new WhatwgResponse('fast') as Response) : new Promise<Response>(() => {})), logged);
+    expect(await (await fetch(`${url}/fast`)).text()).toBe('fast');
+    const pending = [fetch(`${url}/never-1`), fetch(`${url}/never-2`)];
+    await new Promise((r) => setTimeout(r, 100));
+    const answered = await answerAwaiting(server!, new GatewayError('shutting_down', { headers: { connection: 'close' } }));
+    expect(answered).toBe(2);
+    for (const res of await Promise.all(pending)) {
+      expect(res.status).toBe(503);
+      expect(((await res.json()) as { code: string }).code).toBe('shutting_down');
+    }
+    expect(await answerAwaiting(server!, new GatewayError('shutting_down'))).toBe(0);
   });
 });

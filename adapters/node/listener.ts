@@ -85,6 +85,8 @@ export function createListener(gateway: Gateway, options: ListenerOptions = {}):
   // verify_jwt function only to get 401. Handling 'checkContinue' ourselves, the 100 goes
   // out when the core starts reading the body: after routing, lookup and authorization.
   server.on('checkContinue', handle);
+  const awaiting = new Map<ServerResponse, Awaiting>();
+  awaitingByServer.set(server, awaiting);
   function handle(req: IncomingMessage, res: ServerResponse): void {
     if (closing.has(req.socket)) {
       // RFC 9112 9.6: after an answer that said `Connection: close`, nothing more received
@@ -96,8 +98,10 @@ export function createListener(gateway: Gateway, options: ListenerOptions = {}):
     // GET and HEAD bodies are never forwarded (the adapter drops them): no wrapper needed.
     const body = req.method === 'GET' || req.method === 'HEAD' ? undefined : new RequestBody(req, res);
     const source = body ? Object.assign(body, { method: req.method, url: req.url, headers: req.headers, socket: req.socket }) : req;
+    awaiting.set(res, { req, body });
     Promise.resolve(adapter.handleNodeRequestAndResponse(source as unknown as IncomingMessage, res, { req, res }))
       .then((response) => {
+        awaiting.delete(res);
         const refused = sendResponse(response, req, res, body, !server.listening);
         if (refused !== undefined) {
           log?.('warn', "a function's answer could not be written as it is; answered 502 upstream_bad_response instead", {
@@ -109,6 +113,7 @@ export function createListener(gateway: Gateway, options: ListenerOptions = {}):
       .catch((err: unknown) => {
         // The core answers every failure itself; this is the last guard: never a hanging
         // response, never an unhandled rejection.
+        awaiting.delete(res);
         log?.('error', 'the listener failed to answer a request', { error: err instanceof Error ? `${err.name}: ${err.message}` : String(err) });
         answerInstead(new GatewayError('internal_error', { cause: err }), req, res, body);
       });
@@ -119,6 +124,34 @@ export function createListener(gateway: Gateway, options: ListenerOptions = {}):
   // Transfer-Encoding, bad header lines) with 400 or 431 and closes the connection, so
   // nothing is smuggled through as a second request.
   return server;
+}
+
+/** A request the core has not answered yet. */
+interface Awaiting {
+  readonly req: IncomingMessage;
+  readonly body: RequestBody | undefined;
+}
+const awaitingByServer = new WeakMap<Server, Map<ServerResponse, Awaiting>>();
+
+/**
+ * Answers `error` (503 shutting_down at the end of a shutdown's grace period) to every
+ * request of `server` the core has not answered yet, so none is cut without a status.
+ * Resolves when those answers are written, or after `flushMs`.
+ */
+export async function answerAwaiting(server: Server, error: GatewayError, flushMs = 500): Promise<number> {
+  const awaiting = awaitingByServer.get(server);
+  if (!awaiting || awaiting.size === 0) return 0;
+  const written: Array<Promise<void>> = [];
+  for (const [res, { req, body }] of awaiting) {
+    if (res.headersSent || res.destroyed) continue;
+    written.push(new Promise<void>((resolve) => res.once('close', () => resolve()).once('finish', () => resolve())));
+    answerInstead(error, req, res, body);
+  }
+  awaiting.clear();
+  let timer: NodeJS.Timeout | undefined;
+  await Promise.race([Promise.all(written), new Promise<void>((resolve) => (timer = setTimeout(resolve, flushMs)))]);
+  clearTimeout(timer);
+  return written.length;
 }
 
 /** Connections whose last answer said `Connection: close`: later requests on them are dropped. */

@@ -9,13 +9,13 @@
 import type { AddressInfo } from 'node:net';
 import { join, resolve } from 'node:path';
 import type { Server } from 'node:http';
-import { createGateway, type Gateway, type KeyConfig, type Logger } from '../../core/index.ts';
+import { createGateway, GatewayError, type Gateway, type KeyConfig, type Logger } from '../../core/index.ts';
 import { createPostgresCatalog, type CatalogSource } from './catalog.ts';
 import { ConfigError, type NodeConfig } from './config.ts';
 import { startDemoFunction, type DemoFunction } from './demo.ts';
 import { startEmbeddedPostgres, type EmbeddedPostgres } from './embedded.ts';
 import { createUndiciForwarder, type NodeForwarder } from './forwarder.ts';
-import { createListener, newRequestHeaders } from './listener.ts';
+import { answerAwaiting, createListener, newRequestHeaders } from './listener.ts';
 import { lockStateDir, readOrCreateSecret, readSecret } from './local-state.ts';
 import { migrate } from './migrate.ts';
 import { upsertFunction } from './functions-repo.ts';
@@ -166,8 +166,20 @@ export async function startGateway(config: NodeConfig, log: Logger): Promise<Run
         const catalogStopped = catalog.stop();
         const closed = new Promise<void>((resolve) => server.close(() => resolve()));
         server.closeIdleConnections();
-        const grace = new Promise<void>((resolve) => setTimeout(resolve, config.shutdownGraceMs).unref());
-        await Promise.race([closed, grace]);
+        let graceTimer: NodeJS.Timeout | undefined;
+        const grace = new Promise<'grace'>((resolve) => (graceTimer = setTimeout(() => resolve('grace'), config.shutdownGraceMs)));
+        if ((await Promise.race([closed, grace])) === 'grace') {
+          // Requests still waiting for their function get a status, not an empty reply: their
+          // exchanges end with shutting_down, which the core answers (503) and logs as such;
+          // responses already streaming are cut. Any request still unanswered a turn later
+          // (waiting for something else) gets the same 503 from the listener.
+          const cut = () => new GatewayError('shutting_down', { headers: { 'retry-after': '1', connection: 'close' } });
+          forwarder.abortAll(cut());
+          await new Promise((resolve) => setTimeout(resolve, 20));
+          const answered = await answerAwaiting(server, cut());
+          log('warn', 'shutdown grace period over; in-flight requests cut', { graceMs: config.shutdownGraceMs, answeredByListener: answered });
+        }
+        clearTimeout(graceTimer);
         server.closeAllConnections();
         await catalogStopped;
         await cleanup();

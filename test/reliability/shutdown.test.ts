@@ -102,3 +102,32 @@ it('SIGTERM: refuses new connections, finishes the in-flight request, closes the
   await until(async () => (await catalogSessions()) === 0, 5_000, 50, 'catalog session closed');
   idle.destroy();
 }, 30_000);
+
+it('at the end of the grace period, a request still waiting for its function gets 503 shutting_down, not an empty reply', async () => {
+  const short = 800;
+  const stuck = await startHttpUpstream((req) => req.resume()); // never answers
+  await db.sql("INSERT INTO pgstack.edge_functions (name, runtime, verify_jwt, upstream_url) VALUES ('stuck-fn', 'http', false, $1)", [`http://stuck-fn:${stuck.port}`]);
+  const child = await spawnGateway({ DATABASE_URL: db.url, UPSTREAM_HOSTS: 'stuck-fn=127.0.0.1', SHUTDOWN_GRACE_MS: String(short) });
+  try {
+    await until(async () => (await fetch(`${child.url}/functions/v1/stuck-fn/ping`, { signal: AbortSignal.timeout(200) }).catch(() => undefined)) === undefined, 5_000, 50, 'stuck-fn in the catalog (the call hangs)');
+    const client = await RawClient.connect(child.port);
+    await client.write(requestText('GET', '/functions/v1/stuck-fn'));
+    await new Promise((r) => setTimeout(r, 100));
+    const signalled = Date.now();
+    child.child.kill('SIGTERM');
+    const res = await client.read({ timeoutMs: short + 5_000 });
+    const after = Date.now() - signalled;
+    expect(res.status).toBe(503);
+    expect(expectGatewayErrorBody(res.body.toString()).code).toBe('shutting_down');
+    expect(header(res, 'connection')).toBe('close');
+    expect(after).toBeGreaterThanOrEqual(short - 50);
+    expect((await child.exited).code).toBe(0);
+    expect(child.logs.some((l) => l['msg'] === 'shutdown grace period over; in-flight requests cut')).toBe(true);
+    // The request's own line says what the client got.
+    expect(child.logs.filter((l) => l['msg'] === 'request' && l['path'] === '/functions/v1/stuck-fn').map((l) => l['code'])).toContain('shutting_down');
+    client.destroy();
+  } finally {
+    await child.kill();
+    await stuck.close();
+  }
+}, 30_000);
