@@ -25,6 +25,10 @@ export interface NodeConfig {
   readonly upstreamHosts: ReadonlyMap<string, MappedHost>;
   readonly connectTimeoutMs: number;
   readonly headersTimeoutMs: number;
+  /** Idle lifetime of a pooled upstream connection. */
+  readonly upstreamKeepAliveMs: number;
+  /** Connections per upstream origin; 0: no limit. */
+  readonly upstreamMaxConnections: number;
   readonly requestTimeoutMs: number;
   readonly maxBodyBytes: number;
   readonly trustedProxies: readonly string[];
@@ -47,6 +51,8 @@ export const DEFAULTS = {
   HOST: '127.0.0.1',
   UPSTREAM_CONNECT_TIMEOUT_MS: 5_000,
   UPSTREAM_HEADERS_TIMEOUT_MS: 60_000,
+  UPSTREAM_KEEPALIVE_MS: 4_000,
+  UPSTREAM_MAX_CONNECTIONS: 0,
   REQUEST_TIMEOUT_MS: 150_000,
   MAX_BODY_BYTES: 20 * 1024 * 1024,
   CATALOG_BACKSTOP_MS: 60_000,
@@ -156,6 +162,8 @@ export function loadConfig(env: Env = process.env): NodeConfig {
     upstreamHosts,
     connectTimeoutMs: int(env, 'UPSTREAM_CONNECT_TIMEOUT_MS', 1),
     headersTimeoutMs: int(env, 'UPSTREAM_HEADERS_TIMEOUT_MS', 1),
+    upstreamKeepAliveMs: int(env, 'UPSTREAM_KEEPALIVE_MS', 1),
+    upstreamMaxConnections: int(env, 'UPSTREAM_MAX_CONNECTIONS', 0),
     requestTimeoutMs: int(env, 'REQUEST_TIMEOUT_MS', 1),
     maxBodyBytes: int(env, 'MAX_BODY_BYTES', 0),
     trustedProxies,

@@ -36,7 +36,12 @@ export interface UndiciForwarderOptions {
   upstreamHosts: ReadonlyMap<string, MappedHost>;
   /** Idle pooled socket lifetime, default 4_000 (below common upstream idle timeouts of 5 s). */
   keepAliveTimeoutMs?: number;
-  /** Pooled connections per upstream origin, default 128. */
+  /**
+   * Connections per upstream origin; 0 or unset: no limit (one per concurrent request, as
+   * nginx opens them). With a limit, requests beyond it wait for a free connection (within
+   * their deadline), and every function behind the same origin (all deno functions share
+   * EDGE_RUNTIME_URL) waits in the same queue.
+   */
   connectionsPerOrigin?: number;
   /** How long close() lets in-flight requests finish before destroying sockets, default 1_000. */
   closeTimeoutMs?: number;
@@ -372,7 +377,7 @@ class Exchange extends EventEmitter {
 export function createUndiciForwarder(options: UndiciForwarderOptions): NodeForwarder {
   const { connectTimeoutMs, headersTimeoutMs, upstreamHosts, log } = options;
   const keepAliveTimeoutMs = options.keepAliveTimeoutMs ?? 4_000;
-  const connections = options.connectionsPerOrigin ?? 128;
+  const connections = options.connectionsPerOrigin ? options.connectionsPerOrigin : null;
   const closeTimeoutMs = options.closeTimeoutMs ?? 1_000;
 
   const baseConnect = buildConnector({ timeout: connectTimeoutMs, lookup: createUpstreamLookup(upstreamHosts) });

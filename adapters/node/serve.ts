@@ -103,6 +103,8 @@ export async function startGateway(config: NodeConfig, log: Logger): Promise<Run
     const forwarder: NodeForwarder = createUndiciForwarder({
       connectTimeoutMs: config.connectTimeoutMs,
       headersTimeoutMs: config.headersTimeoutMs,
+      keepAliveTimeoutMs: config.upstreamKeepAliveMs,
+      connectionsPerOrigin: config.upstreamMaxConnections,
       upstreamHosts,
       log,
     });
