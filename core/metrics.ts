@@ -14,6 +14,7 @@ export class Metrics {
   private readonly requests = new Map<string, number>();
   private readonly errors = new Map<string, number>();
   private readonly buckets = new Array<number>(BUCKETS.length).fill(0);
+  private readonly cuts = new Map<string, number>();
   private durationSum = 0;
   private durationCount = 0;
   private inflight = 0;
@@ -46,6 +47,11 @@ export class Metrics {
     for (let i = 0; i < BUCKETS.length; i++) if (seconds <= (BUCKETS[i] ?? Infinity)) this.buckets[i] = (this.buckets[i] ?? 0) + 1;
   }
 
+  /** A response cut before its end, after its head was sent: by the function (reset, deadline) or the client leaving. */
+  responseCut(cause: 'upstream' | 'deadline' | 'client'): void {
+    this.cuts.set(cause, (this.cuts.get(cause) ?? 0) + 1);
+  }
+
   /** The exposition text; `extra` lines (the host's catalog gauges) are appended as given. */
   render(extra: string[] = []): string {
     const lines: string[] = [];
@@ -55,6 +61,9 @@ export class Metrics {
     lines.push('# HELP pgstack_gateway_errors_total Answers the gateway made itself, by code.');
     lines.push('# TYPE pgstack_gateway_errors_total counter');
     for (const [code, n] of this.errors) lines.push(`pgstack_gateway_errors_total{code="${code}"} ${n}`);
+    lines.push('# HELP pgstack_responses_cut_total Responses cut after their head: by the function (upstream, deadline) or the client leaving (client).');
+    lines.push('# TYPE pgstack_responses_cut_total counter');
+    for (const [cause, n] of this.cuts) lines.push(`pgstack_responses_cut_total{cause="${cause}"} ${n}`);
     lines.push('# HELP pgstack_request_duration_seconds Time to the response head.');
     lines.push('# TYPE pgstack_request_duration_seconds histogram');
     BUCKETS.forEach((le, i) => lines.push(`pgstack_request_duration_seconds_bucket{le="${le}"} ${this.buckets[i] ?? 0}`));

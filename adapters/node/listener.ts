@@ -26,7 +26,7 @@ import { Readable } from 'node:stream';
 import type { ReadableStream as NodeWebReadableStream } from 'node:stream/web';
 import { Headers as WhatwgHeaders } from '@whatwg-node/fetch';
 import { createServerAdapter } from '@whatwg-node/server';
-import { GatewayError, toResponse, type Gateway, type Logger } from '../../core/index.ts';
+import { ForwardError, GatewayError, toResponse, type Gateway, type Logger } from '../../core/index.ts';
 
 interface NodeContext {
   req: IncomingMessage;
@@ -54,6 +54,7 @@ export function newRequestHeaders(): Headers {
 /** Creates (does not start) the HTTP server for a gateway. */
 export function createListener(gateway: Gateway, options: ListenerOptions = {}): Server {
   const log = options.log;
+  const reporter = createReporter(gateway, log);
   const adapter = createServerAdapter<NodeContext>((request, ctx) => {
     // A request that asked for an upgrade (Connection: upgrade) leaves Node's parser paused
     // after it: nothing later on the connection would ever be read. Say so and close it.
@@ -86,7 +87,7 @@ export function createListener(gateway: Gateway, options: ListenerOptions = {}):
   // out when the core starts reading the body: after routing, lookup and authorization.
   server.on('checkContinue', handle);
   const awaiting = new Map<ServerResponse, Awaiting>();
-  awaitingByServer.set(server, awaiting);
+  awaitingByServer.set(server, { awaiting, reporter });
   function handle(req: IncomingMessage, res: ServerResponse): void {
     if (closing.has(req.socket)) {
       // RFC 9112 9.6: after an answer that said `Connection: close`, nothing more received
@@ -102,7 +103,7 @@ export function createListener(gateway: Gateway, options: ListenerOptions = {}):
     Promise.resolve(adapter.handleNodeRequestAndResponse(source as unknown as IncomingMessage, res, { req, res }))
       .then((response) => {
         awaiting.delete(res);
-        const refused = sendResponse(response, req, res, body, !server.listening);
+        const refused = sendResponse(response, req, res, body, !server.listening, reporter);
         if (refused !== undefined) {
           log?.('warn', "a function's answer could not be written as it is; answered 502 upstream_bad_response instead", {
             status: response.status,
@@ -115,7 +116,7 @@ export function createListener(gateway: Gateway, options: ListenerOptions = {}):
         // response, never an unhandled rejection.
         awaiting.delete(res);
         log?.('error', 'the listener failed to answer a request', { error: err instanceof Error ? `${err.name}: ${err.message}` : String(err) });
-        answerInstead(new GatewayError('internal_error', { cause: err }), req, res, body);
+        answerInstead(new GatewayError('internal_error', { cause: err }), req, res, body, reporter);
       });
   }
   // No 'upgrade' listener on purpose: Node then hands upgrade requests to the adapter like
@@ -131,7 +132,7 @@ interface Awaiting {
   readonly req: IncomingMessage;
   readonly body: RequestBody | undefined;
 }
-const awaitingByServer = new WeakMap<Server, Map<ServerResponse, Awaiting>>();
+const awaitingByServer = new WeakMap<Server, { awaiting: Map<ServerResponse, Awaiting>; reporter: Reporter }>();
 
 /**
  * Answers `error` (503 shutting_down at the end of a shutdown's grace period) to every
@@ -139,13 +140,14 @@ const awaitingByServer = new WeakMap<Server, Map<ServerResponse, Awaiting>>();
  * Resolves when those answers are written, or after `flushMs`.
  */
 export async function answerAwaiting(server: Server, error: GatewayError, flushMs = 500): Promise<number> {
-  const awaiting = awaitingByServer.get(server);
-  if (!awaiting || awaiting.size === 0) return 0;
+  const registered = awaitingByServer.get(server);
+  if (!registered || registered.awaiting.size === 0) return 0;
+  const { awaiting, reporter } = registered;
   const written: Array<Promise<void>> = [];
   for (const [res, { req, body }] of awaiting) {
     if (res.headersSent || res.destroyed) continue;
     written.push(new Promise<void>((resolve) => res.once('close', () => resolve()).once('finish', () => resolve())));
-    answerInstead(error, req, res, body);
+    answerInstead(error, req, res, body, reporter);
   }
   awaiting.clear();
   let timer: NodeJS.Timeout | undefined;
@@ -278,7 +280,7 @@ function boundDrain(req: IncomingMessage, res: ServerResponse): void {
  * The gateway's own error in place of an answer that could not be written. A second
  * failure, or an answer already under way, destroys the response: never a hang, never a throw.
  */
-function answerInstead(error: GatewayError, req: IncomingMessage, res: ServerResponse, requestBody: RequestBody | undefined): void {
+function answerInstead(error: GatewayError, req: IncomingMessage, res: ServerResponse, requestBody: RequestBody | undefined, reporter: Reporter): void {
   if (res.headersSent) {
     res.destroy();
     return;
@@ -287,7 +289,7 @@ function answerInstead(error: GatewayError, req: IncomingMessage, res: ServerRes
     // writeHead keeps what a failed call had already stored (Node keeps statusMessage).
     res.statusMessage = '';
     for (const name of res.getHeaderNames()) res.removeHeader(name);
-    sendResponse(toResponse(error), req, res, requestBody, true, true);
+    sendResponse(toResponse(error), req, res, requestBody, true, reporter, true);
   } catch {
     res.destroy();
   }
@@ -298,7 +300,15 @@ function answerInstead(error: GatewayError, req: IncomingMessage, res: ServerRes
  * file). Returns the error when Node refused the status or a header and the gateway's 502
  * upstream_bad_response went out instead; undefined otherwise.
  */
-function sendResponse(response: Response, req: IncomingMessage, res: ServerResponse, requestBody: RequestBody | undefined, shuttingDown: boolean, fallback = false): unknown {
+function sendResponse(
+  response: Response,
+  req: IncomingMessage,
+  res: ServerResponse,
+  requestBody: RequestBody | undefined,
+  shuttingDown: boolean,
+  reporter: Reporter,
+  fallback = false,
+): unknown {
   const body = response.body;
   if (res.destroyed || res.writableEnded) {
     // The client left before the answer was ready: release the upstream body.
@@ -328,19 +338,19 @@ function sendResponse(response: Response, req: IncomingMessage, res: ServerRespo
     headers['connection'] = 'close';
   }
   try {
+    if (headers['connection'] === 'close' || res.getHeader('connection') === 'close') closing.add(req.socket);
     // No reason phrase: RFC 9112 4 lets clients ignore it, and Node writes the standard one.
     // A function's own (latin-1, UTF-8, a control byte) is what Node refuses to write.
-    if (headers['connection'] === 'close' || res.getHeader('connection') === 'close') closing.add(req.socket);
-  res.writeHead(response.status, headers);
+    res.writeHead(response.status, headers);
   } catch (err) {
     // A status or header Node will not write: the function's answer cannot be relayed.
     body?.cancel().catch(noop);
     if (fallback) throw err;
-    answerInstead(new GatewayError('upstream_bad_response', { cause: err }), req, res, requestBody);
+    answerInstead(new GatewayError('upstream_bad_response', { cause: err }), req, res, requestBody, reporter);
     return err;
   }
   if (body === null) res.end();
-  else pipeBody(toNodeReadable(body), res);
+  else pipeBody(toNodeReadable(body), res, reporter, headers['x-request-id']);
   return undefined;
 }
 
@@ -353,23 +363,67 @@ function sendResponse(response: Response, req: IncomingMessage, res: ServerRespo
  *   connection is destroyed, so the client sees a truncated response, never a clean end;
  * - the client leaves before the response finished: the body is destroyed, which cancels
  *   the upstream exchange;
- * - an error on the client's side is never left unhandled.
+ * - an error on the client's side is never left unhandled;
+ * - each of those cuts is reported once (the core logged the request at its head).
  */
-function pipeBody(body: Readable, res: ServerResponse): void {
+function pipeBody(body: Readable, res: ServerResponse, reporter: Reporter, requestId: unknown): void {
   if (body.closed && !body.readableEnded) {
     // Already gone (its events with it) before the answer was written.
+    reporter.cut(res, requestId, body.errored ?? undefined);
     res.destroy(body.errored ?? undefined);
     return;
   }
-  body.once('error', (err: Error) => res.destroy(err));
+  // Whichever side ends it first is the cause (the client leaving also destroys the body,
+  // through the core's abort signal, before this sees the close).
+  let cut = false;
+  body.once('error', (err: Error) => {
+    if (!cut && !res.destroyed) {
+      cut = true;
+      reporter.cut(res, requestId, err);
+    }
+    res.destroy(err);
+  });
   body.once('close', () => {
-    if (!body.readableEnded) res.destroy();
+    if (body.readableEnded || res.destroyed) return;
+    cut = true;
+    reporter.cut(res, requestId, undefined);
+    res.destroy();
   });
   res.once('close', () => {
-    if (!res.writableFinished) body.destroy();
+    if (res.writableFinished) return;
+    if (!cut) {
+      cut = true;
+      reporter.cut(res, requestId, CLIENT_LEFT);
+    }
+    body.destroy();
   });
   res.on('error', noop);
   body.pipe(res);
+}
+
+/** The cause of a cut when the client left mid-response (not an error of the gateway's). */
+const CLIENT_LEFT = Symbol('client left');
+
+/**
+ * What the listener reports that the core cannot see: a response cut before its end, by
+ * the function (reset, deadline) or by the client leaving. The core's request line was
+ * written at the response head.
+ */
+interface Reporter {
+  cut(res: ServerResponse, requestId: unknown, cause: unknown): void;
+}
+
+function createReporter(gateway: Gateway, log: Logger | undefined): Reporter {
+  return {
+    cut(res, requestId, cause) {
+      const why = cause === CLIENT_LEFT ? 'client' : cause instanceof ForwardError && cause.kind === 'deadline' ? 'deadline' : 'upstream';
+      gateway.metrics?.responseCut(why);
+      const fields: Record<string, unknown> = { request_id: requestId, status: res.statusCode, cause: why };
+      if (cause instanceof Error) fields['error'] = `${cause.name}: ${cause.message}`;
+      // A client leaving a stream (closing an SSE tab) is ordinary; a function failing mid-body is not.
+      log?.(why === 'client' ? 'info' : 'warn', 'response cut before its end', fields);
+    },
+  };
 }
 
 /** A fetch body as a Node Readable: @whatwg-node bodies wrap one (`.readable`), others are adapted. */

@@ -111,6 +111,10 @@ describe('a client that disconnects cancels the upstream request', () => {
     client.destroy();
     await until(() => seen.get('trickle')!.aborted, 3_000, 10, 'upstream saw its response closed');
     console.log(`[clients] upstream saw the abort ${seen.get('trickle')!.closedAt! - left} ms after the client left (mid-body)`);
+    // Reported as the client's cut (info, not a warning), and counted.
+    await until(() => gw.logs.some((l) => l['msg'] === 'response cut before its end' && l['cause'] === 'client'), 3_000, 10, 'the cut reported');
+    expect(gw.logs.find((l) => l['msg'] === 'response cut before its end' && l['cause'] === 'client')!['level']).toBe('info');
+    expect(await (await gw.call('/metrics')).text()).toMatch(/^pgstack_responses_cut_total\{cause="client"\} [1-9]/m);
   });
 
   it('while uploading the request body', async () => {

@@ -40,6 +40,12 @@ async function expectFault(res: Response, code: string): Promise<void> {
   expect(text).not.toMatch(/127\.0\.0\.1|ECONN|UND_ERR|undici|socket|:\d{2,5}\b/i);
 }
 
+/** The causes of the 'response cut before its end' lines for requests to `name`. */
+function cutsFor(name: string): unknown[] {
+  const ids = new Set(gw.logs.filter((l) => l['msg'] === 'request' && l['function'] === name).map((l) => l['request_id']));
+  return gw.logs.filter((l) => l['msg'] === 'response cut before its end' && ids.has(l['request_id'])).map((l) => l['cause']);
+}
+
 beforeAll(async () => {
   db = await createTestDatabase();
   const names = ['refused', 'silent', 'stall-chunked', 'stall-length', 'reset-body', 'idle-close', 'idle-drop', 'reason'];
@@ -119,6 +125,8 @@ describe('upstream faults', () => {
       expect(took).toBeLessThan(ROW_DEADLINE_MS + 3_000);
       // fetch() reports it as an error, not a short body.
       await expect(gw.call(`/functions/v1/${name}`).then((r) => r.text())).rejects.toThrow();
+      // The request line went out at the head (200); the cut is reported and counted apart.
+      expect(cutsFor(name)).toContain('deadline');
     });
   }
 
@@ -139,6 +147,8 @@ describe('upstream faults', () => {
     expect(res.body.toString()).toBe('part');
     expect(res.complete).toBe(false);
     await expect(gw.call('/functions/v1/reset-body').then((r) => r.text())).rejects.toThrow();
+    expect(cutsFor('reset-body')).toContain('upstream');
+    expect(await (await gw.call('/metrics')).text()).toMatch(/^pgstack_responses_cut_total\{cause="upstream"\} [1-9]/m);
   });
 
   it('an upstream that closes idle keep-alive connections: every next request still succeeds', async () => {
