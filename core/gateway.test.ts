@@ -553,15 +553,34 @@ describe('loops, transfer codings, method overrides, client aborts', () => {
     ['X-HTTP-Method-Override', '/functions/v1/secure'],
     ['x_http_method', '/functions/v1/secure'],
     ['X-Method', '/functions/v1/secure'],
+    ['X-HTTP-Verb', '/functions/v1/secure'],
+    ['X-Original-Verb', '/functions/v1/secure'],
   ])('a preflight carrying %s needs credentials on a verify_jwt function (401)', async (header, path) => {
     const res = await send(makeGateway(), path, { method: 'OPTIONS', headers: { ...preflight, [header]: 'POST' } });
     expect(res.status).toBe(401);
   });
 
-  it.each(['/functions/v1/secure?_method=POST', '/functions/v1/secure?a=1&_METHOD=DELETE'])('a preflight to %s (query method override) needs credentials (401)', async (path) => {
+  it.each([
+    '/functions/v1/secure?_method=POST',
+    '/functions/v1/secure?a=1&_METHOD=DELETE',
+    '/functions/v1/secure?x=1;_method=DELETE',
+    '/functions/v1/secure?%5Fmethod=DELETE',
+    '/functions/v1/secure?.method=DELETE',
+    '/functions/v1/secure?+method=DELETE',
+    '/functions/v1/secure?_method[]=DELETE',
+    '/functions/v1/secure?_method',
+  ])('a preflight to %s (query method override) needs credentials (401)', async (path) => {
     const res = await send(makeGateway(), path, { method: 'OPTIONS', headers: preflight });
     expect(res.status).toBe(401);
   });
+
+  it.each(['/functions/v1/secure?payment_method=card', '/functions/v1/secure?method=GET&x=%ZZ', '/functions/v1/secure?methods=a'])(
+    'a preflight to %s (a query that is no override) stays a preflight',
+    async (path) => {
+      const res = await send(makeGateway(), path, { method: 'OPTIONS', headers: preflight });
+      expect(res.status).toBe(200);
+    },
+  );
 
   it('a client that leaves while the upstream works is 499 client_closed_request, not an upstream failure', async () => {
     const client = new AbortController();

@@ -94,19 +94,37 @@ const FAILURE_CODES: Record<ForwardFailure, ConstructorParameters<typeof Gateway
 const HOST_HEADER = /^(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$/;
 
 /**
- * A method override: any header whose name mentions "method" but the preflight's own
- * (X-HTTP-Method-Override, X-HTTP-Method, X-Method-Override, X-Original-Method, ...), or a
- * `_method` query parameter (Rails, Laravel, Express method-override).
+ * A method override: any header whose name mentions "method" or "verb" but the preflight's
+ * own (X-HTTP-Method-Override, X-HTTP-Method, X-Original-Method, X-HTTP-Verb, ...; browsers
+ * send no such header on a preflight), or a `_method` query parameter (Rails, Laravel,
+ * Express method-override) in any spelling a framework folds to it: `&` or `;` separated,
+ * percent-encoded, `+` for space, PHP's `.`/space -> `_` and `[...]` suffixes.
  */
 function hasMethodOverride(request: Request, target: string): boolean {
   for (const name of request.headers.keys()) {
     const canonical = canonicalName(name);
-    if (canonical.includes('method') && canonical !== 'access-control-request-method') return true;
+    if ((canonical.includes('method') || canonical.includes('verb')) && canonical !== 'access-control-request-method') return true;
   }
   const q = target.indexOf('?');
   if (q < 0) return false;
-  for (const key of new URLSearchParams(target.slice(q + 1)).keys()) if (key.toLowerCase() === '_method') return true;
+  for (const pair of target.slice(q + 1).split(/[&;]/)) {
+    const eq = pair.indexOf('=');
+    if (queryKeyIsMethod(eq < 0 ? pair : pair.slice(0, eq))) return true;
+  }
   return false;
+}
+
+/** Whether a raw query key reads as `_method` once a framework decoded and folded it. */
+function queryKeyIsMethod(raw: string): boolean {
+  if (!/method/i.test(raw) && !/%/.test(raw)) return false; // the common case: no work
+  let key = raw.replace(/\+/g, ' ');
+  try {
+    key = decodeURIComponent(key);
+  } catch {
+    // a malformed escape: judge the text as it is
+  }
+  key = key.toLowerCase().replace(/\[.*$/, '').replace(/^[\s.]/, '_').trim();
+  return key === '_method';
 }
 
 /**
