@@ -9,7 +9,7 @@ import { entryFromRow, FUNCTION_NAME, isSafeSub, validateUpstreamUrl, type Role 
 import { ConfigError, loadConfig, type NodeConfig } from './config.ts';
 import { listFunctions, removeFunction, upsertFunction } from './functions-repo.ts';
 import { readEmbeddedDatabaseUrl } from './embedded.ts';
-import { createJsonLogger } from './logger.ts';
+import { batchedStdout, createJsonLogger } from './logger.ts';
 import { migrate } from './migrate.ts';
 import { resolveJwtSecret, startGateway } from './serve.ts';
 import { DURATION, mintToken } from './tokens.ts';
@@ -68,7 +68,8 @@ function explainDbError(err: unknown, config: NodeConfig): never {
 }
 
 async function serve(config: NodeConfig): Promise<void> {
-  const log = createJsonLogger(config.logLevel);
+  const stdout = batchedStdout();
+  const log = createJsonLogger(config.logLevel, stdout.write);
   const running = await startGateway(config, log);
   let stopping = false;
   const onSignal = (signal: NodeJS.Signals) => {
@@ -123,6 +124,7 @@ async function serve(config: NodeConfig): Promise<void> {
     } else {
       lines.push('No demo function (PGSTACK_DEMO=false): register yours with `npx pgstack functions add`.', '');
     }
+    stdout.flush(); // the log lines so far first
     process.stdout.write(`${lines.join('\n')}\n`);
   }
 }

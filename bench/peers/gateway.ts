@@ -9,13 +9,13 @@ import { buildSnapshot, createGateway } from '../../core/index.ts';
 import { DEFAULTS } from '../../adapters/node/config.ts';
 import { createUndiciForwarder } from '../../adapters/node/forwarder.ts';
 import { createListener, newRequestHeaders } from '../../adapters/node/listener.ts';
-import { createJsonLogger } from '../../adapters/node/logger.ts';
+import { batchedStdout, createJsonLogger } from '../../adapters/node/logger.ts';
 import { env, listenAndAnnounce } from './ready.ts';
 
 const snapshot = buildSnapshot([
   { name: 'bench', runtime: 'http', verify_jwt: true, upstream_url: `http://bench-upstream:${env('BENCH_UPSTREAM_PORT')}` },
 ]);
-const log = createJsonLogger('info');
+const log = createJsonLogger('info', batchedStdout().write);
 const forwarder = createUndiciForwarder({
   connectTimeoutMs: DEFAULTS.UPSTREAM_CONNECT_TIMEOUT_MS,
   headersTimeoutMs: DEFAULTS.UPSTREAM_HEADERS_TIMEOUT_MS,
