@@ -201,7 +201,7 @@ describe('live catalog', () => {
       const started = Date.now();
       await vi.waitFor(() => expect(source.listening()).toBe(false), { timeout: 3_000, interval: 20 });
       expect(Date.now() - started).toBeLessThan(2_000);
-      expect(logs.some((l) => l.message.startsWith('catalog listener lost') && String(l.fields?.['error']).includes('heartbeat'))).toBe(true);
+      await vi.waitFor(() => expect(logs.some((l) => l.message.startsWith('catalog listener lost') && String(l.fields?.['error']).includes('heartbeat'))).toBe(true), WAIT);
       for (const socket of relayed) socket.destroy();
       frozen = false;
       await vi.waitFor(() => expect(source.listening()).toBe(true), WAIT);

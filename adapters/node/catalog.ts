@@ -105,6 +105,8 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
   let connectedAt = 0;
   /** The current connection once its first load succeeded: losing it is news, losing a half-made one is a retry. */
   let established: pg.Client | undefined;
+  /** A lost connection not yet logged (see connectionLost). */
+  let unreportedLoss: string | undefined;
   /** Consecutive failed attempts and short-lived connections: the backoff exponent. */
   let retryStreak = 0;
 
@@ -264,7 +266,10 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
     if (c !== client) return; // an old or not yet established connection: handled where it is awaited
     client = undefined;
     lastError = message(err);
-    if (established === c) log('warn', 'catalog listener lost; serving the last good catalog while reconnecting', { error: lastError });
+    // Said when the first reconnect attempt starts (after its backoff), unless stop() came
+    // first: Ctrl-C reaches the embedded server (the terminal's process group) a moment
+    // before the gateway's own handler runs, and a gateway shutting down has lost nothing.
+    if (established === c) unreportedLoss = lastError;
     void endClient(c);
     if (performance.now() - connectedAt >= STABLE_CONNECTION_MS) retryStreak = 0;
     ensureConnecting(true);
@@ -291,6 +296,10 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
       if (afterLoss || attempt > 0) {
         await sleep(delay || backoff(retryStreak++));
         if (stopped) break;
+      }
+      if (unreportedLoss !== undefined) {
+        log('warn', 'catalog listener lost; serving the last good catalog while reconnecting', { error: unreportedLoss });
+        unreportedLoss = undefined;
       }
       delay = 0;
       const c = newClient();

@@ -109,8 +109,11 @@ export async function startEmbeddedPostgres(options: EmbeddedPostgresOptions): P
     port = await freePort(PREFERRED_PORT);
     if (saved) log('info', 'saved port of the embedded PostgreSQL is taken; using another', { taken: saved.port, port });
   }
-  await writeFile(settingsFile, JSON.stringify({ port, password }, null, 2) + '\n', { mode: 0o600 });
-  await chmod(settingsFile, 0o600); // writeFile's mode applies only when it creates the file
+  const saveSettings = async () => {
+    await writeFile(settingsFile, JSON.stringify({ port, password }, null, 2) + '\n', { mode: 0o600 });
+    await chmod(settingsFile, 0o600); // writeFile's mode applies only when it creates the file
+  };
+  await saveSettings();
 
   const EmbeddedPostgresClass = await loadEmbeddedPostgres();
   const recent: string[] = [];
@@ -123,7 +126,7 @@ export async function startEmbeddedPostgres(options: EmbeddedPostgresOptions): P
       log('debug', `postgres: ${text}`);
     }
   };
-  const server = new EmbeddedPostgresClass({
+  const serverOn = (port: number) => new EmbeddedPostgresClass({
     databaseDir: pgdata,
     port,
     user: 'postgres',
@@ -139,6 +142,7 @@ export async function startEmbeddedPostgres(options: EmbeddedPostgresOptions): P
     onLog,
     onError: onLog,
   });
+  let server = serverOn(port);
 
   if (!initialised) {
     await setAsideHalfInitialised(pgdata, log);
@@ -152,12 +156,27 @@ export async function startEmbeddedPostgres(options: EmbeddedPostgresOptions): P
 
   // Before start, so another process never sees this server with a stale owner (an "orphan").
   await writeFile(ownerFile, `${process.pid}\n`);
-  try {
-    await server.start();
-  } catch (err) {
-    // The package rejects with nothing when the server exits during start-up: PostgreSQL's
-    // own last lines are the useful part.
-    throw new Error(`embedded PostgreSQL did not start (${pgdata}, port ${port}): ${recent.slice(-10).join(' | ') || String(err)}`, { cause: err });
+  for (let attempt = 1; ; attempt++) {
+    try {
+      await server.start();
+      break;
+    } catch (err) {
+      // A port found free a moment ago can be taken by the time the server binds it (the
+      // check is racy by nature): a port nobody asked for is swapped for another, twice.
+      const taken = recent.some((line) => /could not bind .*Address already in use/.test(line));
+      if (taken && options.port === undefined && attempt < 3) {
+        const previous = port;
+        port = await freePort();
+        log('info', 'the port of the embedded PostgreSQL was taken as it started; using another', { taken: previous, port });
+        await saveSettings();
+        recent.length = 0;
+        server = serverOn(port);
+        continue;
+      }
+      // The package rejects with nothing when the server exits during start-up: PostgreSQL's
+      // own last lines are the useful part.
+      throw new Error(`embedded PostgreSQL did not start (${pgdata}, port ${port}): ${recent.slice(-10).join(' | ') || String(err)}`, { cause: err });
+    }
   }
   // The package keeps the server's ChildProcess private; its stop() waits for an 'exit' event,
   // so calling it after the server died on its own would wait forever.
