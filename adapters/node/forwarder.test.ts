@@ -14,7 +14,8 @@ import type { FunctionEntry } from '../../core/catalog.ts';
 import { GatewayError } from '../../core/errors.ts';
 import { ForwardError, type ForwardFailure, type ForwardRequest } from '../../core/forwarder.ts';
 import { isBlockedAddress } from './blocked-addresses.ts';
-import { classifyTransportError, createUndiciForwarder, type NodeForwarder, type UndiciForwarderOptions } from './forwarder.ts';
+import { createUndiciForwarder, type NodeForwarder, type UndiciForwarderOptions } from './forwarder.ts';
+import { classifyTransportError } from './transport-errors.ts';
 
 // ---------------------------------------------------------------------------------------
 // Helpers (every wait bounded).

@@ -2,26 +2,24 @@
  * The Node forwarder: moves a ForwardRequest to the function over one pooled undici Agent
  * (`agent.request`, not `fetch()`: the built-in fetch measured ~6x slower here, DESIGN 8).
  *
- * - Name resolution is the SSRF gate (DESIGN 5): every new connection resolves the name
- *   again; an operator-mapped name (UPSTREAM_HOSTS) is dialled as mapped, anything else is
- *   refused when any of its addresses is loopback, unspecified, link-local, multicast or
- *   broadcast, in any IPv6 spelling that carries such an IPv4 address.
+ * - Connecting is the SSRF gate (DESIGN 5, upstream-lookup.ts); failures are classified in
+ *   transport-errors.ts; a reset on a reused keep-alive socket is retried once when that
+ *   is safe (stale-sockets.ts).
  * - Redirects are relayed, never followed (undici's request() follows nothing by itself).
  * - Bodies stream both ways. `req.signal` is the client leaving; `req.deadlineMs` is the
  *   overall deadline, enforced here for the whole exchange, response body included.
  */
-import diagnosticsChannel from 'node:diagnostics_channel';
-import dns from 'node:dns';
 import { EventEmitter } from 'node:events';
-import net from 'node:net';
-import { Readable } from 'node:stream';
-import type { ReadableStream as NodeWebReadableStream } from 'node:stream/web';
+import type { Readable } from 'node:stream';
 import { Response } from '@whatwg-node/fetch';
-import { Agent, buildConnector, errors as undiciErrors, type Dispatcher } from 'undici';
+import { Agent, type Dispatcher } from 'undici';
 import { isGatewayError } from '../../core/errors.ts';
-import { ForwardError, type ForwardFailure, type ForwardRequest, type Forwarder } from '../../core/forwarder.ts';
+import { ForwardError, type ForwardRequest, type Forwarder } from '../../core/forwarder.ts';
 import type { Logger } from '../../core/log.ts';
-import { isBlockedAddress } from './blocked-addresses.ts';
+import { toNodeReadable } from './node-streams.ts';
+import { isRetriableStaleReset, probeFor, requestProbed } from './stale-sockets.ts';
+import { errorCode, toForwardError } from './transport-errors.ts';
+import { createUpstreamConnector } from './upstream-lookup.ts';
 import type { MappedHost } from './upstream-hosts.ts';
 
 export interface UndiciForwarderOptions {
@@ -58,210 +56,6 @@ export interface NodeForwarder {
   close(): Promise<void>;
 }
 
-/** The connect-time refusal of an address in a blocked range (mapped to ForwardError 'blocked'). */
-export class BlockedAddressError extends Error {
-  readonly code = 'EPGSTACK_BLOCKED_ADDRESS';
-  readonly hostname: string;
-  readonly address: string;
-  constructor(hostname: string, address: string, reason = 'address is in a blocked range (loopback, link-local, metadata, unspecified, multicast or broadcast)') {
-    super(`refusing to connect to ${hostname} at ${address}: ${reason}`);
-    this.name = 'BlockedAddressError';
-    this.hostname = hostname;
-    this.address = address;
-  }
-}
-
-// ---------------------------------------------------------------------------------------
-// Name resolution: the SSRF gate at connect time.
-
-/**
- * A `net.connect` lookup: mapped names answer their mapped address (no range check), other
- * names go through dns.lookup (no cache: a replaced container is found at its new address)
- * and are refused when ANY address is in a blocked range. Refusing the whole name rather
- * than filtering keeps a name that mixes a sibling address with 127.0.0.1 (rebinding) out.
- */
-export function createUpstreamLookup(upstreamHosts: ReadonlyMap<string, MappedHost>): net.LookupFunction {
-  return (hostname, options, callback) => {
-    const mapped = upstreamHosts.get(hostname.toLowerCase())?.address;
-    if (mapped !== undefined) {
-      const family = net.isIP(mapped);
-      if (options.all) callback(null, [{ address: mapped, family }]);
-      else callback(null, mapped, family);
-      return;
-    }
-    const lookupOptions: dns.LookupAllOptions = { all: true };
-    if (options.family !== undefined) lookupOptions.family = options.family;
-    if (options.hints !== undefined) lookupOptions.hints = options.hints;
-    dns.lookup(hostname, lookupOptions, (err, addresses) => {
-      if (err) {
-        callback(err, '');
-        return;
-      }
-      const refused = addresses.find((a) => isBlockedAddress(a.address));
-      if (refused !== undefined) {
-        callback(new BlockedAddressError(hostname, refused.address), '');
-        return;
-      }
-      if (options.all) {
-        callback(null, addresses);
-        return;
-      }
-      const first = addresses[0];
-      if (first === undefined) {
-        const notFound: NodeJS.ErrnoException = new Error(`getaddrinfo ENOTFOUND ${hostname}`);
-        notFound.code = 'ENOTFOUND';
-        callback(notFound, '');
-        return;
-      }
-      callback(null, first.address, first.family);
-    });
-  };
-}
-
-// ---------------------------------------------------------------------------------------
-// Failure classification.
-
-const UNREACHABLE = new Set([
-  'ECONNREFUSED',
-  'ENOTFOUND',
-  'EAI_AGAIN',
-  'EAI_FAIL',
-  'EAI_NONAME',
-  'EHOSTUNREACH',
-  'ENETUNREACH',
-  'EHOSTDOWN',
-  'ENETDOWN',
-  'EADDRNOTAVAIL',
-]);
-const RESET = new Set(['ECONNRESET', 'EPIPE', 'ECONNABORTED', 'UND_ERR_SOCKET']);
-const BAD_RESPONSE = new Set(['UND_ERR_INFO', 'UND_ERR_HEADERS_OVERFLOW', 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH']);
-
-function errorCode(err: unknown): string | undefined {
-  if (typeof err !== 'object' || err === null) return undefined;
-  const code = (err as { code?: unknown }).code;
-  if (typeof code === 'string') return code;
-  // net's happy-eyeballs (autoSelectFamily) wraps per-address errors in an AggregateError.
-  const errors = (err as { errors?: unknown }).errors;
-  if (Array.isArray(errors)) return errorCode(errors[0]);
-  return undefined;
-}
-
-/** Maps a transport error (from undici, net or dns) to the core's failure kinds. */
-export function classifyTransportError(err: unknown): ForwardFailure {
-  if (err instanceof BlockedAddressError) return 'blocked';
-  // llhttp errors: the code is `HPE_*` when undici knows the llhttp error name, else unset.
-  if (err instanceof undiciErrors.HTTPParserError) return 'bad_response';
-  const code = errorCode(err);
-  if (code === undefined) return 'unreachable';
-  if (code === 'UND_ERR_CONNECT_TIMEOUT' || code === 'ETIMEDOUT') return 'connect_timeout';
-  if (code === 'UND_ERR_HEADERS_TIMEOUT') return 'headers_timeout';
-  if (code.startsWith('HPE_') || BAD_RESPONSE.has(code)) return 'bad_response';
-  if (code === 'UND_ERR_SOCKET') {
-    // undici reports protocol violations seen before the head as SocketError too.
-    const message = (err as Error).message;
-    if (message === 'bad response' || message === 'bad upgrade') return 'bad_response';
-  }
-  if (RESET.has(code)) return 'reset';
-  if (UNREACHABLE.has(code)) return 'unreachable';
-  return 'unreachable';
-}
-
-const DESCRIPTIONS: Record<ForwardFailure, string> = {
-  unreachable: 'is unreachable',
-  connect_timeout: 'did not accept a connection in time',
-  headers_timeout: 'did not send a response head in time',
-  deadline: 'exceeded the request deadline',
-  blocked: 'resolves to an address in a blocked range',
-  reset: 'closed the connection before a complete response head',
-  bad_response: 'sent an unparseable response',
-};
-
-function toForwardError(req: ForwardRequest, err: unknown): ForwardError {
-  const kind = classifyTransportError(err);
-  const code = errorCode(err);
-  // (The log line's detail; the client only ever sees the code.)
-  const detail = err instanceof BlockedAddressError ? err.message : (code ?? (err instanceof Error ? err.message : String(err)));
-  // The usual first-day mistake: a bare container name outside Docker. Say what fixes it.
-  const hint =
-    code === 'ENOTFOUND' || code === 'EAI_AGAIN'
-      ? `; "${req.fn.upstream.hostname}" does not resolve here: on a compose network it is the service name, elsewhere map it with UPSTREAM_HOSTS=${req.fn.upstream.hostname}=<address>`
-      : '';
-  return new ForwardError(kind, `upstream ${req.fn.name} (${req.fn.upstream.origin}) ${DESCRIPTIONS[kind]} (${detail})${hint}`, {
-    cause: err,
-  });
-}
-
-// ---------------------------------------------------------------------------------------
-// Stale keep-alive sockets.
-//
-// An upstream may close an idle pooled connection just as a request is written to it; the
-// request then fails with ECONNRESET / "other side closed" although the function never saw
-// it. Defences, in order:
-//  1. keepAliveTimeout (4 s) below common upstream idle timeouts (Node's http server: 5 s),
-//     capped by `Keep-Alive: timeout=N` from the upstream minus undici's 2 s margin;
-//  2. undici 7 lets the event loop turn once before reusing an idle socket, so a FIN/RST
-//     that already arrived retires the socket and the request goes to a new connection;
-//  3. the remaining race is retried here ONCE, on a fresh connection (a second Agent with
-//     pipelining 0, which never pools), only when it is safe: idempotent method, no request
-//     body, the socket had carried an earlier request (reused), not one byte of this
-//     response had arrived, and the client has not gone away.
-// undici's RetryAgent/RetryHandler is not used: it cannot tell a reused socket from a fresh
-// one, turns 3xx into errors unless told otherwise, waits between attempts, and resumes
-// broken bodies with Range requests, none of which a proxy wants.
-//
-// undici does not expose which socket a request was written to; its diagnostics channels
-// do. `undici:request:create` fires synchronously inside agent.request() (we tag the
-// request object there) and `undici:client:sendHeaders` fires right before the first byte
-// is written, with the socket. A request queued in the pool (all connections busy) is
-// created later, stays untagged and is simply never retried.
-
-interface SocketProbe {
-  socket: net.Socket | undefined;
-  /** Requests the socket had carried before this one. */
-  previousUses: number;
-  /** socket.bytesRead when this request was written: any later growth is response bytes. */
-  bytesReadAtSend: number;
-}
-
-const probes = new WeakMap<object, SocketProbe>();
-const socketUses = new WeakMap<object, number>();
-let creating: SocketProbe | undefined;
-
-diagnosticsChannel.subscribe('undici:request:create', (message) => {
-  if (creating === undefined) return;
-  probes.set((message as { request: object }).request, creating);
-  creating = undefined;
-});
-
-diagnosticsChannel.subscribe('undici:client:sendHeaders', (message) => {
-  const { request, socket } = message as { request: object; socket: net.Socket };
-  const uses = socketUses.get(socket) ?? 0;
-  socketUses.set(socket, uses + 1);
-  const probe = probes.get(request);
-  if (probe === undefined) return;
-  probe.socket = socket;
-  probe.previousUses = uses;
-  probe.bytesReadAtSend = socket.bytesRead;
-});
-
-const IDEMPOTENT = new Set(['GET', 'HEAD', 'OPTIONS', 'PUT', 'DELETE']);
-
-/** Whether a failed request could be retried at all: only these are ever probed. */
-function mayRetry(req: ForwardRequest): boolean {
-  return IDEMPOTENT.has(req.method) && req.body === null;
-}
-
-function isRetriableStaleReset(req: ForwardRequest, probe: SocketProbe, err: unknown): boolean {
-  return (
-    classifyTransportError(err) === 'reset' &&
-    mayRetry(req) &&
-    !req.signal.aborted &&
-    probe.socket !== undefined &&
-    probe.previousUses > 0 &&
-    probe.socket.bytesRead === probe.bytesReadAtSend
-  );
-}
-
 // ---------------------------------------------------------------------------------------
 // Request and response conversion.
 
@@ -279,18 +73,6 @@ function toUndiciHeaders(headers: Headers): string[] {
     if (!TRANSPORT_HEADERS.has(name.toLowerCase())) flat.push(name, value);
   });
   return flat;
-}
-
-/**
- * The request body as a Node Readable, without buffering. @whatwg-node's ReadableStream is
- * a thin wrapper over a Node Readable (`.readable`): hand that to undici directly. A native
- * web stream is adapted with Readable.fromWeb (destroying it cancels the web stream).
- */
-function toNodeReadable(body: ReadableStream<Uint8Array>): Readable {
-  const inner = (body as { readable?: unknown }).readable;
-  if (inner instanceof Readable) return inner;
-  if ((body as unknown) instanceof Readable) return body as unknown as Readable;
-  return Readable.fromWeb(body as unknown as NodeWebReadableStream<Uint8Array>);
 }
 
 function hasNullBody(method: string, status: number): boolean {
@@ -380,26 +162,7 @@ export function createUndiciForwarder(options: UndiciForwarderOptions): NodeForw
   const connections = options.connectionsPerOrigin ? options.connectionsPerOrigin : null;
   const closeTimeoutMs = options.closeTimeoutMs ?? 1_000;
 
-  const baseConnect = buildConnector({ timeout: connectTimeoutMs, lookup: createUpstreamLookup(upstreamHosts) });
-  // net.connect skips `lookup` for IP literals; the core never produces one (bare names
-  // only), but an IP-literal origin in a blocked range is refused here all the same.
-  const connect: buildConnector.connector = (connectOptions, callback) => {
-    const host = connectOptions.hostname;
-    if (net.isIP(host) !== 0 && isBlockedAddress(host)) {
-      callback(new BlockedAddressError(host, host), null);
-      return;
-    }
-    // A name mapped with a port is dialled on that port only.
-    const pinned = upstreamHosts.get(host.toLowerCase());
-    if (pinned?.port !== undefined) {
-      const port = Number(connectOptions.port) || (connectOptions.protocol === 'https:' ? 443 : 80);
-      if (port !== pinned.port) {
-        callback(new BlockedAddressError(host, `${pinned.address}:${port}`, `UPSTREAM_HOSTS maps ${host} to port ${pinned.port} only`), null);
-        return;
-      }
-    }
-    baseConnect(connectOptions, callback);
-  };
+  const connect = createUpstreamConnector(upstreamHosts, connectTimeoutMs);
 
   const agentOptions: Agent.Options = {
     connect,
@@ -454,17 +217,12 @@ export function createUndiciForwarder(options: UndiciForwarderOptions): NodeForw
     };
 
     // Only a request that could be retried is followed to its socket (a WeakMap entry each).
-    const probe: SocketProbe = { socket: undefined, previousUses: 0, bytesReadAtSend: 0 };
-    const followed = mayRetry(req) ? probe : undefined;
+    const probe = probeFor(req);
     let data: Dispatcher.ResponseData;
     try {
       try {
-        creating = followed;
-        const pending = agent.request(requestOptions);
-        creating = undefined;
-        data = await pending;
+        data = await requestProbed(agent, requestOptions, probe);
       } catch (err) {
-        creating = undefined;
         // The client left (signal.reason, unchanged) or the deadline passed (ForwardError).
         if (exchange.aborted) throw exchange.reason;
         // The request body failed on the client's side (the core's size limit, the client

@@ -23,10 +23,10 @@
 import { createServer, type IncomingMessage, type OutgoingHttpHeaders, type Server, type ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import { Readable } from 'node:stream';
-import type { ReadableStream as NodeWebReadableStream } from 'node:stream/web';
 import { Headers as WhatwgHeaders } from '@whatwg-node/fetch';
 import { createServerAdapter } from '@whatwg-node/server';
 import { ForwardError, GatewayError, toResponse, type Gateway, type Logger } from '../../core/index.ts';
+import { toNodeReadable } from './node-streams.ts';
 
 interface NodeContext {
   req: IncomingMessage;
@@ -424,13 +424,6 @@ function createReporter(gateway: Gateway, log: Logger | undefined): Reporter {
       log?.(why === 'client' ? 'info' : 'warn', 'response cut before its end', fields);
     },
   };
-}
-
-/** A fetch body as a Node Readable: @whatwg-node bodies wrap one (`.readable`), others are adapted. */
-function toNodeReadable(body: ReadableStream<Uint8Array>): Readable {
-  const inner = (body as { readable?: unknown }).readable;
-  if (inner instanceof Readable) return inner;
-  return Readable.fromWeb(body as unknown as NodeWebReadableStream<Uint8Array>);
 }
 
 const noop = (): void => {};
