@@ -113,3 +113,24 @@ export function buildSnapshot(rows: Iterable<CatalogRow>, options: BuildOptions 
   }
   return Object.freeze({ functions, dropped: Object.freeze(dropped), loadedAt: options.now ?? Date.now(), checkedUrls });
 }
+
+/**
+ * The snapshot after a change to some rows: `previous` with each name in `changed` replaced
+ * by its row in `rows` (validated like buildSnapshot does), or removed when `rows` has none.
+ * Unchanged entries, their drops and their URL validations are carried over, so the cost
+ * is that of the changed rows, not of the catalog.
+ */
+export function applyChanges(previous: CatalogSnapshot, changed: Iterable<string>, rows: Iterable<CatalogRow>, options: BuildOptions = {}): CatalogSnapshot {
+  const names = new Set(changed);
+  const functions = new Map(previous.functions);
+  const dropped = previous.dropped.filter((d) => !names.has(d.name));
+  const checkedUrls = new Map(previous.checkedUrls);
+  const check = memoizedCheck(previous.checkedUrls, checkedUrls);
+  for (const name of names) functions.delete(name);
+  for (const row of rows) {
+    const result = entryFromRow(row, options, check);
+    if ('reason' in result) dropped.push(result);
+    else functions.set(result.name, result);
+  }
+  return Object.freeze({ functions, dropped: Object.freeze(dropped), loadedAt: options.now ?? Date.now(), checkedUrls });
+}

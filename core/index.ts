@@ -4,7 +4,7 @@
  * clock and logger; nothing here reads the environment or imports a driver.
  */
 export { createGateway, type Gateway, type GatewayConfig, type GatewayDeps, type GatewayLimits, type RequestContext } from './gateway.ts';
-export { buildSnapshot, entryFromRow, FUNCTION_NAME, type CatalogRow, type CatalogSnapshot, type FunctionEntry, type DroppedRow, type Runtime } from './catalog.ts';
+export { applyChanges, buildSnapshot, entryFromRow, FUNCTION_NAME, type CatalogRow, type CatalogSnapshot, type FunctionEntry, type DroppedRow, type Runtime } from './catalog.ts';
 export { validateUpstreamUrl, type UpstreamTarget, type UpstreamValidation } from './upstream.ts';
 export { ForwardError, type Forwarder, type ForwardRequest, type ForwardFailure } from './forwarder.ts';
 export { GatewayError, ERROR_CODES, toResponse, type ErrorCode } from './errors.ts';

@@ -5,8 +5,8 @@
 --   payload: {"op": "INSERT" | "UPDATE" | "DELETE" | "TRUNCATE", "name": <text | null>}
 --            one notification per changed row, sent at commit; "name" is the row's name
 --            (the new name for UPDATE, the old one for DELETE) and null for TRUNCATE.
---   The gateway reloads the whole catalog on any notification: the payload is for people
---   and other listeners, not a diff to apply.
+--   The payload is for people and other listeners: the gateway reads what changed from the
+--   change log at the end of this file (pgstack.catalog_version, pgstack.catalog_changes).
 --
 -- Idempotent: safe to apply any number of times, also over the original four-column table
 -- (name, runtime, verify_jwt, upstream_url). `pgstack migrate` and the gateway's start-up
@@ -117,3 +117,65 @@ DROP TRIGGER IF EXISTS pgstack_fn_changed_truncate ON pgstack.edge_functions;
 CREATE TRIGGER pgstack_fn_changed_truncate
   AFTER TRUNCATE ON pgstack.edge_functions
   FOR EACH STATEMENT EXECUTE FUNCTION pgstack.notify_catalog_changed();
+
+-- The change log: what each committed change touched, in commit order, so a gateway can
+-- reload only the rows that changed (a whole-table reload per change costs O(catalog)).
+-- One counter row, bumped by every statement that changes the catalog: the row lock
+-- serialises catalog writers, so versions follow commit order, and one query that reads
+-- the counter, the changed names and those rows together sees a whole state, never half a
+-- transaction. name NULL means "everything" (TRUNCATE). The log keeps the last 10,000
+-- versions; a gateway further behind reloads the whole catalog.
+CREATE TABLE IF NOT EXISTS pgstack.catalog_version (
+  one     boolean PRIMARY KEY DEFAULT true CHECK (one),
+  version bigint NOT NULL
+);
+INSERT INTO pgstack.catalog_version (one, version) VALUES (true, 0) ON CONFLICT (one) DO NOTHING;
+
+CREATE TABLE IF NOT EXISTS pgstack.catalog_changes (
+  version bigint NOT NULL,
+  name    text
+);
+CREATE INDEX IF NOT EXISTS catalog_changes_version ON pgstack.catalog_changes (version);
+
+-- SECURITY DEFINER: a role allowed to edit pgstack.edge_functions need not be allowed to
+-- write the log itself.
+CREATE OR REPLACE FUNCTION pgstack.log_catalog_change() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgstack AS $fn$
+DECLARE
+  v bigint;
+BEGIN
+  UPDATE pgstack.catalog_version SET version = version + 1 WHERE one RETURNING version INTO v;
+  IF TG_OP = 'TRUNCATE' THEN
+    INSERT INTO pgstack.catalog_changes (version, name) VALUES (v, NULL);
+  ELSIF TG_OP = 'INSERT' THEN
+    INSERT INTO pgstack.catalog_changes (version, name) SELECT DISTINCT v, n.name FROM new_rows n;
+  ELSIF TG_OP = 'DELETE' THEN
+    INSERT INTO pgstack.catalog_changes (version, name) SELECT DISTINCT v, o.name FROM old_rows o;
+  ELSE
+    INSERT INTO pgstack.catalog_changes (version, name)
+      SELECT v, n.name FROM new_rows n UNION SELECT v, o.name FROM old_rows o;
+  END IF;
+  IF v % 1000 = 0 THEN
+    DELETE FROM pgstack.catalog_changes WHERE version <= v - 10000;
+  END IF;
+  RETURN NULL;
+END
+$fn$;
+
+-- Transition tables allow one event per trigger.
+DROP TRIGGER IF EXISTS pgstack_fn_logged_insert ON pgstack.edge_functions;
+CREATE TRIGGER pgstack_fn_logged_insert
+  AFTER INSERT ON pgstack.edge_functions REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION pgstack.log_catalog_change();
+DROP TRIGGER IF EXISTS pgstack_fn_logged_update ON pgstack.edge_functions;
+CREATE TRIGGER pgstack_fn_logged_update
+  AFTER UPDATE ON pgstack.edge_functions REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION pgstack.log_catalog_change();
+DROP TRIGGER IF EXISTS pgstack_fn_logged_delete ON pgstack.edge_functions;
+CREATE TRIGGER pgstack_fn_logged_delete
+  AFTER DELETE ON pgstack.edge_functions REFERENCING OLD TABLE AS old_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION pgstack.log_catalog_change();
+DROP TRIGGER IF EXISTS pgstack_fn_logged_truncate ON pgstack.edge_functions;
+CREATE TRIGGER pgstack_fn_logged_truncate
+  AFTER TRUNCATE ON pgstack.edge_functions
+  FOR EACH STATEMENT EXECUTE FUNCTION pgstack.log_catalog_change();

@@ -40,7 +40,7 @@ describe('schema.sql', () => {
     await migrate(db.url);
     await migrate(db.url);
     expect(await shape(db)).toEqual(before);
-    expect(before.triggers).toEqual(['pgstack_fn_changed', 'pgstack_fn_changed_truncate', 'pgstack_fn_touch']);
+    expect(before.triggers).toEqual(['pgstack_fn_changed', 'pgstack_fn_changed_truncate', 'pgstack_fn_logged_delete', 'pgstack_fn_logged_insert', 'pgstack_fn_logged_truncate', 'pgstack_fn_logged_update', 'pgstack_fn_touch']);
     expect(before.constraints.map((c) => c.conname)).toEqual([
       'edge_functions_body_limit_positive',
       'edge_functions_http_needs_upstream',
@@ -55,7 +55,45 @@ describe('schema.sql', () => {
 
   it('survives concurrent migrations (advisory lock)', async () => {
     await Promise.all([migrate(db.url), migrate(db.url), migrate(db.url), migrate(db.url)]);
-    expect((await shape(db)).triggers).toHaveLength(3);
+    expect((await shape(db)).triggers).toHaveLength(7);
+  });
+
+  it('logs each changing statement once, in commit order, with every name it touched (old and new on a rename)', async () => {
+    await db.sql('TRUNCATE pgstack.edge_functions');
+    const version = async () => Number((await db.sql('SELECT version FROM pgstack.catalog_version')).rows[0].version);
+    const changes = async (after: number) =>
+      (await db.sql('SELECT version, name FROM pgstack.catalog_changes WHERE version > $1 ORDER BY version, name', [after])).rows.map((r) => [Number(r.version) - after, r.name]);
+    const start = await version();
+    await db.sql("INSERT INTO pgstack.edge_functions (name, runtime, upstream_url) VALUES ('log-a', 'http', 'http://a:1'), ('log-b', 'http', 'http://b:1')");
+    await db.sql("UPDATE pgstack.edge_functions SET name = 'log-c' WHERE name = 'log-a'");
+    await db.sql("UPDATE pgstack.edge_functions SET verify_jwt = false WHERE name = 'nothing-matches'");
+    await db.sql("DELETE FROM pgstack.edge_functions WHERE name = 'log-b'");
+    await db.sql('TRUNCATE pgstack.edge_functions');
+    expect(await version()).toBe(start + 5);
+    expect(await changes(start)).toEqual([
+      [1, 'log-a'],
+      [1, 'log-b'],
+      [2, 'log-a'],
+      [2, 'log-c'],
+      [4, 'log-b'],
+      [5, null],
+    ]);
+  });
+
+  it('a role that may only edit the catalog table can still change it (the log is written as its owner)', async () => {
+    const role = `pgstack_editor_${Math.random().toString(36).slice(2, 8)}`;
+    await db.sql(`CREATE ROLE ${role}`);
+    try {
+      await db.sql(`GRANT USAGE ON SCHEMA pgstack TO ${role}`);
+      await db.sql(`GRANT SELECT, INSERT, UPDATE, DELETE ON pgstack.edge_functions TO ${role}`);
+      await db.sql(`SET ROLE ${role}`);
+      await db.sql("INSERT INTO pgstack.edge_functions (name, runtime, upstream_url) VALUES ('by-editor', 'http', 'http://e:1')");
+      await db.sql("DELETE FROM pgstack.edge_functions WHERE name = 'by-editor'");
+    } finally {
+      await db.sql('RESET ROLE');
+      await db.sql(`DROP OWNED BY ${role}`);
+      await db.sql(`DROP ROLE ${role}`);
+    }
   });
 
   it("accepts the seed's four-column INSERT and fills the defaults", async () => {

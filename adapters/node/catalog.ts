@@ -1,7 +1,12 @@
 /**
  * The live catalog of the Node host (DESIGN section 2): one dedicated connection holds
- * `LISTEN pgstack_catalog`, and every notification, reconnect or backstop tick reloads the
- * whole table into a new immutable snapshot, swapped in with one assignment.
+ * `LISTEN pgstack_catalog`. A notification reloads only what changed: the change log of
+ * sql/schema.sql names the rows each committed change touched, and one statement reads the
+ * log's version, those names and their rows together, so a snapshot is never half a
+ * transaction and a change costs the changed rows, not the catalog. A reconnect, the
+ * backstop tick, a TRUNCATE or a log that cannot say what changed (pruned past, recreated,
+ * not readable by this role) reload the whole table. Either way a new immutable snapshot
+ * is swapped in with one assignment.
  *
  * Ordering: LISTEN, then load, on the same session, so a change committed after the load's
  * snapshot is always followed by a notification. Notifications sent while disconnected are
@@ -13,12 +18,24 @@
  * a pacing interval since the previous one started, 10 ms doubling up to 50 ms while the
  * storm lasts, back to 10 ms after a quiet spell: a change inside a burst is visible within
  * 10-50 ms plus one load, 1,000 notifications in a second cause about 20 reloads rather than
- * back-to-back loads of the whole table competing with requests for the event loop.
+ * back-to-back loads competing with requests for the event loop.
  */
 import pg from 'pg';
-import { buildSnapshot, type CatalogRow, type CatalogSnapshot } from '../../core/catalog.ts';
+import { applyChanges, buildSnapshot, type CatalogRow, type CatalogSnapshot } from '../../core/catalog.ts';
 import type { Logger } from '../../core/log.ts';
-import { CATALOG_CHANNEL, CATALOG_QUERY } from './catalog-sql.ts';
+import { CATALOG_CHANGES_QUERY, CATALOG_CHANNEL, CATALOG_QUERY, CATALOG_VERSIONED_QUERY } from './catalog-sql.ts';
+
+/** A row of CATALOG_VERSIONED_QUERY (pg returns bigint as text). */
+interface VersionedRow extends CatalogRow {
+  catalog_version: string;
+}
+
+/** A row of CATALOG_CHANGES_QUERY. */
+interface ChangeRow extends VersionedRow {
+  oldest: string | null;
+  truncated: boolean;
+  changed: string | null;
+}
 
 export interface PostgresCatalogOptions {
   databaseUrl: string;
@@ -62,10 +79,11 @@ export interface CatalogSource {
   /** Closes the connection and timers. The last snapshot stays readable. */
   stop(): Promise<void>;
   /**
-   * reloads: successful swaps; reconnects: times the listener came back after being lost;
+   * reloads: successful swaps (fullLoads of them read the whole table, changeLoads only the
+   * rows the change log named); reconnects: times the listener came back after being lost;
    * notifications: received on the channel; lastError: the latest failure, if any.
    */
-  stats(): { reloads: number; reconnects: number; notifications: number; lastError?: string };
+  stats(): { reloads: number; fullLoads: number; changeLoads: number; reconnects: number; notifications: number; lastError?: string };
 }
 
 /** Server-side limit for the load query; the client gives up on any query a little later (half-open TCP). */
@@ -111,11 +129,19 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
   let retryStreak = 0;
 
   let dirty = false;
+  /** The pending reload must read the whole table (reconnect, backstop, reloadNow). */
+  let dirtyFull = false;
+  /** Whether the change log is readable: unknown until the first full load of a connection. */
+  let changeLog: boolean | undefined;
+  /** The change log's version the current snapshot reflects. */
+  let logVersion: string | undefined;
   let reloadLoop: Promise<void> | undefined;
   let lastReloadStart = Number.NEGATIVE_INFINITY;
   let pacing = PACING_MIN_MS;
 
   let reloads = 0;
+  let fullLoads = 0;
+  let changeLoads = 0;
   let reconnects = 0;
   let notifications = 0;
   let lastError: string | undefined;
@@ -161,21 +187,69 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
     droppedSeen = now;
   }
 
-  /** One full load on the current connection, then the swap. */
-  async function loadOnce(): Promise<void> {
+  /**
+   * The whole catalog, with the change log's version when the log is readable (schema.sql
+   * applied, and the role may read it); without it every change reloads the whole table.
+   */
+  async function loadAll(c: pg.Client): Promise<CatalogSnapshot> {
+    if (changeLog !== false) {
+      try {
+        const { rows } = await c.query<VersionedRow>(CATALOG_VERSIONED_QUERY);
+        logVersion = rows[0]?.catalog_version ?? undefined;
+        changeLog = logVersion !== undefined;
+        fullLoads++;
+        return buildSnapshot(rows.filter((r) => r.name !== null), { edgeRuntimeUrl, previous: snapshot });
+      } catch (err) {
+        const code = (err as { code?: unknown }).code;
+        if (code !== '42P01' && code !== '42501') throw err; // undefined_table, insufficient_privilege
+        changeLog = false;
+        logVersion = undefined;
+        log('warn', 'the catalog change log (pgstack.catalog_version, pgstack.catalog_changes) is not readable; every change reloads the whole catalog', {
+          error: message(err),
+          hint: 'apply sql/schema.sql (pgstack migrate), and grant this role SELECT on those tables',
+        });
+      }
+    }
+    const { rows } = await c.query<CatalogRow>(CATALOG_QUERY);
+    fullLoads++;
+    return buildSnapshot(rows, { edgeRuntimeUrl, previous: snapshot });
+  }
+
+  /**
+   * The rows changed since logVersion, applied to the current snapshot; undefined when
+   * nothing changed. Falls back to loadAll when the log cannot say: a TRUNCATE, a log
+   * pruned past logVersion, or a version that went back (the schema was recreated).
+   */
+  async function loadChanges(c: pg.Client, current: CatalogSnapshot, since: string): Promise<CatalogSnapshot | undefined> {
+    const { rows } = await c.query<ChangeRow>(CATALOG_CHANGES_QUERY, [since]);
+    const head = rows[0];
+    if (head === undefined) return loadAll(c);
+    const now = BigInt(head.catalog_version);
+    const before = BigInt(since);
+    if (now === before) return undefined;
+    if (now < before || head.truncated || (head.oldest !== null && BigInt(head.oldest) > before + 1n)) return loadAll(c);
+    logVersion = head.catalog_version;
+    changeLoads++;
+    const changed = rows.flatMap((r) => (r.changed === null ? [] : [r.changed]));
+    return applyChanges(current, changed, rows.filter((r) => r.name !== null), { edgeRuntimeUrl });
+  }
+
+  /** One load on the current connection (only the changes, unless `full` or they cannot be had), then the swap. */
+  async function loadOnce(full: boolean): Promise<void> {
     const c = client;
     if (!c) throw new Error('the catalog database is not connected');
-    let rows: CatalogRow[];
+    let next: CatalogSnapshot | undefined;
     try {
-      rows = (await c.query<CatalogRow>(CATALOG_QUERY)).rows;
+      const current = snapshot;
+      const since = logVersion;
+      next = !full && current !== undefined && changeLog === true && since !== undefined ? await loadChanges(c, current, since) : await loadAll(c);
     } catch (err) {
       // A failed load on a live connection (statement timeout, missing table, half-open TCP)
       // goes through the same retry path as a lost connection: reconnect with backoff, LISTEN, load.
       if (c === client) connectionLost(c, err);
       throw err;
     }
-    if (stopped) return;
-    const next = buildSnapshot(rows, { edgeRuntimeUrl, previous: snapshot });
+    if (stopped || next === undefined) return;
     snapshot = next;
     reloads++;
     logDropped(next);
@@ -193,8 +267,9 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
    * change) gets one more load after it. Resolves when the loop goes idle; rejects with the
    * error of its last load if that one failed.
    */
-  function requestReload(): Promise<void> {
+  function requestReload(full: boolean): Promise<void> {
     dirty = true;
+    if (full) dirtyFull = true;
     return (reloadLoop ??= runReloads());
   }
 
@@ -210,10 +285,12 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
           pacing = PACING_MIN_MS; // the previous reload is older than the interval: not a burst (any more)
         }
         if (stopped) break;
+        const full = dirtyFull;
         dirty = false;
+        dirtyFull = false;
         lastReloadStart = performance.now();
         try {
-          await loadOnce();
+          await loadOnce(full);
           failure = undefined;
         } catch (err) {
           failure = err;
@@ -242,7 +319,7 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
     c.on('notification', (msg) => {
       if (c !== client || msg.channel !== CATALOG_CHANNEL) return;
       notifications++;
-      requestReload().catch(noop); // failures are logged and retried by the reconnect path
+      requestReload(false).catch(noop); // failures are logged and retried by the reconnect path
     });
     return c;
   }
@@ -317,7 +394,8 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
         client = c;
         opening = undefined;
         connectedAt = performance.now();
-        await requestReload();
+        changeLog = undefined; // asked again on every connection (a migration may have run meanwhile)
+        await requestReload(true);
         if (client !== c) throw new Error('connection lost during the first load');
         established = c;
         if (everConnected) reconnects++;
@@ -355,14 +433,14 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
       started = true;
       ensureConnecting(false);
       backstop = setInterval(() => {
-        if (client) requestReload().catch(noop);
+        if (client) requestReload(true).catch(noop);
       }, backstopIntervalMs);
       backstop.unref();
       heartbeat = setInterval(beat, heartbeatMs);
       heartbeat.unref();
     },
     firstLoad: () => first,
-    reloadNow: () => (stopped ? Promise.reject(new Error('the catalog is stopped')) : requestReload()),
+    reloadNow: () => (stopped ? Promise.reject(new Error('the catalog is stopped')) : requestReload(true)),
     async stop() {
       if (stopped) return;
       stopped = true;
@@ -376,6 +454,6 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
       await Promise.all(closing.map(endClient));
       await reloadLoop?.catch(noop);
     },
-    stats: () => ({ reloads, reconnects, notifications, ...(lastError !== undefined ? { lastError } : {}) }),
+    stats: () => ({ reloads, fullLoads, changeLoads, reconnects, notifications, ...(lastError !== undefined ? { lastError } : {}) }),
   };
 }
