@@ -138,13 +138,23 @@ CREATE TABLE IF NOT EXISTS pgstack.catalog_changes (
 CREATE INDEX IF NOT EXISTS catalog_changes_version ON pgstack.catalog_changes (version);
 
 -- SECURITY DEFINER: a role allowed to edit pgstack.edge_functions need not be allowed to
--- write the log itself.
+-- write the log itself. The version is bumped (and its row locked) BEFORE the statement
+-- touches a row: a writer then waits for the counter before it holds any catalog row, so
+-- two transactions editing rows in different orders queue up instead of deadlocking.
+CREATE OR REPLACE FUNCTION pgstack.bump_catalog_version() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgstack AS $fn$
+BEGIN
+  UPDATE pgstack.catalog_version SET version = version + 1 WHERE one;
+  RETURN NULL;
+END
+$fn$;
+
 CREATE OR REPLACE FUNCTION pgstack.log_catalog_change() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgstack AS $fn$
 DECLARE
   v bigint;
 BEGIN
-  UPDATE pgstack.catalog_version SET version = version + 1 WHERE one RETURNING version INTO v;
+  SELECT version INTO v FROM pgstack.catalog_version WHERE one; -- this statement's, bumped before it
   IF TG_OP = 'TRUNCATE' THEN
     INSERT INTO pgstack.catalog_changes (version, name) VALUES (v, NULL);
   ELSIF TG_OP = 'INSERT' THEN
@@ -161,6 +171,11 @@ BEGIN
   RETURN NULL;
 END
 $fn$;
+
+DROP TRIGGER IF EXISTS pgstack_fn_versioned ON pgstack.edge_functions;
+CREATE TRIGGER pgstack_fn_versioned
+  BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON pgstack.edge_functions
+  FOR EACH STATEMENT EXECUTE FUNCTION pgstack.bump_catalog_version();
 
 -- Transition tables allow one event per trigger.
 DROP TRIGGER IF EXISTS pgstack_fn_logged_insert ON pgstack.edge_functions;

@@ -398,7 +398,7 @@ describe('the change log: a change reloads only the rows it touched', () => {
 
   it('without a readable log (an old schema), says so once and reloads the whole table on every change', async () => {
     // An old schema: no log triggers, no log tables.
-    const triggers = ['pgstack_fn_logged_insert', 'pgstack_fn_logged_update', 'pgstack_fn_logged_delete', 'pgstack_fn_logged_truncate'];
+    const triggers = ['pgstack_fn_versioned', 'pgstack_fn_logged_insert', 'pgstack_fn_logged_update', 'pgstack_fn_logged_delete', 'pgstack_fn_logged_truncate'];
     for (const t of triggers) await db.sql(`ALTER TABLE pgstack.edge_functions DISABLE TRIGGER ${t}`);
     await db.sql('ALTER TABLE pgstack.catalog_version RENAME TO catalog_version_hidden');
     try {

@@ -40,7 +40,7 @@ describe('schema.sql', () => {
     await migrate(db.url);
     await migrate(db.url);
     expect(await shape(db)).toEqual(before);
-    expect(before.triggers).toEqual(['pgstack_fn_changed', 'pgstack_fn_changed_truncate', 'pgstack_fn_logged_delete', 'pgstack_fn_logged_insert', 'pgstack_fn_logged_truncate', 'pgstack_fn_logged_update', 'pgstack_fn_touch']);
+    expect(before.triggers).toEqual(['pgstack_fn_changed', 'pgstack_fn_changed_truncate', 'pgstack_fn_logged_delete', 'pgstack_fn_logged_insert', 'pgstack_fn_logged_truncate', 'pgstack_fn_logged_update', 'pgstack_fn_touch', 'pgstack_fn_versioned']);
     expect(before.constraints.map((c) => c.conname)).toEqual([
       'edge_functions_body_limit_positive',
       'edge_functions_http_needs_upstream',
@@ -55,7 +55,7 @@ describe('schema.sql', () => {
 
   it('survives concurrent migrations (advisory lock)', async () => {
     await Promise.all([migrate(db.url), migrate(db.url), migrate(db.url), migrate(db.url)]);
-    expect((await shape(db)).triggers).toHaveLength(7);
+    expect((await shape(db)).triggers).toHaveLength(8);
   });
 
   it('logs each changing statement once, in commit order, with every name it touched (old and new on a rename)', async () => {
@@ -77,6 +77,33 @@ describe('schema.sql', () => {
       [2, 'log-c'],
       [4, 'log-b'],
       [5, null],
+    ]);
+  });
+
+  it('two transactions editing the same rows in opposite orders queue up on the log, never deadlock', async () => {
+    await db.sql("INSERT INTO pgstack.edge_functions (name, runtime, upstream_url) VALUES ('dl-a', 'http', 'http://a:1'), ('dl-b', 'http', 'http://b:1')");
+    const [one, two] = [new pg.Client({ connectionString: db.url }), new pg.Client({ connectionString: db.url })];
+    await Promise.all([one.connect(), two.connect()]);
+    try {
+      await one.query('BEGIN');
+      await one.query("UPDATE pgstack.edge_functions SET verify_jwt = false WHERE name = 'dl-a'");
+      await two.query('BEGIN');
+      const second = (async () => {
+        await two.query("UPDATE pgstack.edge_functions SET verify_jwt = false WHERE name = 'dl-b'");
+        await two.query("UPDATE pgstack.edge_functions SET verify_jwt = true WHERE name = 'dl-a'");
+        await two.query('COMMIT');
+      })();
+      await new Promise((r) => setTimeout(r, 200));
+      await one.query("UPDATE pgstack.edge_functions SET verify_jwt = true WHERE name = 'dl-b'");
+      await one.query('COMMIT');
+      await second;
+    } finally {
+      await Promise.all([one.end(), two.end()]);
+    }
+    const { rows } = await db.sql("SELECT name, verify_jwt FROM pgstack.edge_functions WHERE name LIKE 'dl-%' ORDER BY name");
+    expect(rows).toEqual([
+      { name: 'dl-a', verify_jwt: true },
+      { name: 'dl-b', verify_jwt: false },
     ]);
   });
 
