@@ -51,8 +51,9 @@ export interface NodeForwarder {
   /**
    * Aborts every exchange in flight with `reason` (the end of a shutdown's grace period):
    * one still waiting for its head rejects with it, one streaming its body is cut.
+   * Returns how many there were.
    */
-  abortAll(reason: unknown): void;
+  abortAll(reason: unknown): number;
   close(): Promise<void>;
 }
 
@@ -280,8 +281,10 @@ export function createUndiciForwarder(options: UndiciForwarderOptions): NodeForw
     return closing;
   };
 
-  const abortAll = (reason: unknown): void => {
-    for (const exchange of [...live]) exchange.abort(reason);
+  const abortAll = (reason: unknown): number => {
+    const exchanges = [...live];
+    for (const exchange of exchanges) exchange.abort(reason);
+    return exchanges.length;
   };
 
   return { forward, abortAll, close };

@@ -167,7 +167,10 @@ export async function startGateway(config: NodeConfig, log: Logger): Promise<Run
         // the terminal's process group), so that is not reported as a lost listener.
         const catalogStopped = catalog.stop();
         const closed = new Promise<void>((resolve) => server.close(() => resolve()));
+        // A keep-alive connection whose answer was already under way at the signal is idle
+        // once that answer ends: closed then, not at the end of the grace period.
         server.closeIdleConnections();
+        const sweeper = setInterval(() => server.closeIdleConnections(), 50);
         let graceTimer: NodeJS.Timeout | undefined;
         const grace = new Promise<'grace'>((resolve) => (graceTimer = setTimeout(() => resolve('grace'), config.shutdownGraceMs)));
         if ((await Promise.race([closed, grace])) === 'grace') {
@@ -176,12 +179,14 @@ export async function startGateway(config: NodeConfig, log: Logger): Promise<Run
           // responses already streaming are cut. Any request still unanswered a turn later
           // (waiting for something else) gets the same 503 from the listener.
           const cut = () => new GatewayError('shutting_down', { headers: { 'retry-after': '1', connection: 'close' } });
-          forwarder.abortAll(cut());
+          const aborted = forwarder.abortAll(cut());
           await new Promise((resolve) => setTimeout(resolve, 20));
           const answered = await answerAwaiting(server, cut());
-          log('warn', 'shutdown grace period over; in-flight requests cut', { graceMs: config.shutdownGraceMs, answeredByListener: answered });
+          if (aborted + answered > 0) log('warn', 'shutdown grace period over; in-flight requests cut', { graceMs: config.shutdownGraceMs, exchanges: aborted, answeredByListener: answered });
+          else log('info', 'shutdown grace period over; closing the remaining connections', { graceMs: config.shutdownGraceMs });
         }
         clearTimeout(graceTimer);
+        clearInterval(sweeper);
         server.closeAllConnections();
         await catalogStopped;
         await cleanup();

@@ -131,3 +131,37 @@ it('at the end of the grace period, a request still waiting for its function get
     await stuck.close();
   }
 }, 30_000);
+
+it('a keep-alive connection whose answer was streaming at the signal is closed when the answer ends, not at the end of the grace period', async () => {
+  const grace = 8_000;
+  const streaming = await startHttpUpstream((req, res) => {
+    req.resume();
+    res.writeHead(200, { 'content-type': 'text/plain' });
+    res.write('first;');
+    setTimeout(() => res.end('last'), 800);
+  });
+  await db.sql("INSERT INTO pgstack.edge_functions (name, runtime, verify_jwt, upstream_url) VALUES ('stream-fn', 'http', false, $1)", [`http://stream-fn:${streaming.port}`]);
+  const child = await spawnGateway({ DATABASE_URL: db.url, UPSTREAM_HOSTS: 'stream-fn=127.0.0.1', SHUTDOWN_GRACE_MS: String(grace) });
+  try {
+    await until(async () => (await fetch(`${child.url}/functions/v1/stream-fn`)).status === 200, 10_000, 50, 'stream-fn served');
+    const client = await RawClient.connect(child.port);
+    await client.write(requestText('GET', '/functions/v1/stream-fn'));
+    await new Promise((r) => setTimeout(r, 300)); // the head and the first chunk are out
+    const signalled = Date.now();
+    child.child.kill('SIGTERM');
+    const res = await client.read({ timeoutMs: 5_000 });
+    expect(res.status).toBe(200);
+    expect(res.body.toString()).toBe('first;last');
+    expect(res.complete).toBe(true);
+    // The client keeps its connection open; the gateway closes it and exits.
+    const { code } = await child.exited;
+    const took = Date.now() - signalled;
+    console.log(`[shutdown] streaming answer finished, keep-alive connection closed, exit ${code} after ${took} ms (grace ${grace} ms)`);
+    expect(code).toBe(0);
+    expect(took).toBeLessThan(3_000);
+    client.destroy();
+  } finally {
+    await child.kill();
+    await streaming.close();
+  }
+}, 30_000);
