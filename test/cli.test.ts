@@ -123,9 +123,11 @@ describe('pgstack CLI', () => {
     [['token', '--role', 'service_role', '--expires-in', '0'], /--expires-in must be a positive duration/],
     [['token', '--role', 'service_role', '--expires-in', '0h'], /--expires-in must be a positive duration/],
     [['functions', 'add', 'x', '--runtime', 'deno', '--url', 'http://fn:1'], /--url does not apply to --runtime deno/],
-    [['functions', 'add', 'x', '--url', 'http://10.0.0.5:8000'], /UPSTREAM_HOSTS=my-fn=127\.0\.0\.1/],
+    [['functions', 'add', 'x', '--url', 'http://10.0.0.5:8000'], /UPSTREAM_HOSTS=my-fn=127\.0\.0\.1:8000/],
     [['token', '--role', 'service_role', '--bogus'], /^pgstack: unknown option --bogus\n/],
     [['nonsense'], /unknown command "nonsense"/],
+    [['migrate', 'extra'], /migrate takes no arguments/],
+    [['functions', 'rm', 'a b'], /NAME must be letters, digits/],
   ])('%j exits 2 with a clear message', async (args, message) => {
     const res = await pgstack(args as string[]);
     expect(res.code).toBe(2);
@@ -157,6 +159,16 @@ describe('pgstack CLI', () => {
     } finally {
       taken.close();
     }
+  });
+
+  it.each([
+    ['999.1.1.1', 'HOST must be an IP address or a hostname of this machine, got "999.1.1.1"'],
+    ['pgstack-no-such-host-xyz', 'HOST=pgstack-no-such-host-xyz does not resolve to an address of this machine'],
+  ])('serve with HOST=%s exits 1 naming HOST', async (host, message) => {
+    const res = await pgstack(['serve'], { HOST: host, PORT: '0', MIGRATE_ON_START: 'false' });
+    expect(res.code).toBe(1);
+    expect(res.stderr).toContain(message);
+    expect(res.stderr).not.toMatch(/\n\s+at /);
   });
 
   it('migrate is idempotent', async () => {

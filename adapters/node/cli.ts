@@ -156,7 +156,7 @@ async function functions(config: NodeConfig, args: string[]): Promise<void> {
       const checked = validateUpstreamUrl(values.url);
       if (!checked.ok) {
         const hint = /IP literal|dot|localhost|own machine/i.test(checked.reason)
-          ? ' (for a function on this machine, use a bare name such as http://my-fn:8000 and start the gateway with UPSTREAM_HOSTS=my-fn=127.0.0.1)'
+          ? ' (for a function on this machine, use a bare name such as http://my-fn:8000 and start the gateway with UPSTREAM_HOSTS=my-fn=127.0.0.1:8000, the port pinning the name to that one port)'
           : '';
         throw new UsageError(`--url is refused: ${checked.reason}${hint}`);
       }
@@ -204,6 +204,7 @@ async function functions(config: NodeConfig, args: string[]): Promise<void> {
     const [name, extra] = rest;
     if (!name) throw new UsageError('functions rm needs a NAME');
     if (extra !== undefined) throw new UsageError(`unexpected argument "${extra}"`);
+    if (!FUNCTION_NAME.test(name)) throw new UsageError(`NAME must be letters, digits, - and _ (1..128 characters), got "${name}"`);
     const removed = await removeFunction(databaseUrlFor(config), name).catch((err) => explainDbError(err, config));
     if (!removed) throw new ConfigError(`no function named "${name}"`);
     process.stdout.write(`removed ${name}\n`);
@@ -254,6 +255,7 @@ export async function main(argv: string[]): Promise<number> {
         await serve(config);
         return -1; // keeps running
       case 'migrate': {
+        if (args.length) throw new UsageError(`migrate takes no arguments (it uses DATABASE_URL or the embedded database), got "${args[0]}"`);
         const url = databaseUrlFor(config);
         await migrate(url).catch((err) => explainDbError(err, config));
         process.stdout.write('schema applied\n');

@@ -93,7 +93,7 @@ export function loadConfig(env: Env = process.env): NodeConfig {
   }
 
   const host = optional(env, 'HOST') ?? DEFAULTS.HOST;
-  if (!isIP(host) && !/^[A-Za-z0-9.-]+$/.test(host)) throw new ConfigError(`HOST must be an address or hostname, got "${host}"`);
+  if (!isIP(host) && (!/^[A-Za-z0-9.-]+$/.test(host) || /^[\d.]+$/.test(host))) throw new ConfigError(`HOST must be an IP address or a hostname of this machine, got "${host}"`);
 
   const jwtSecret = optional(env, 'JWT_SECRET');
   if (jwtSecret !== undefined && jwtSecret.length < 32) {

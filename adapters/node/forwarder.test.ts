@@ -546,7 +546,7 @@ describe.each(BODIES)('undici forwarder: failures of a POST with %s are classifi
   it('unknown name -> unreachable, with the UPSTREAM_HOSTS hint', async () => {
     const err = await failure(forwarder().forward(post(entry(80, 'pgstack-no-such-function-host'))));
     expect(err.kind).toBe('unreachable');
-    expect(err.message).toContain('UPSTREAM_HOSTS=pgstack-no-such-function-host=');
+    expect(err.message).toContain('UPSTREAM_HOSTS=pgstack-no-such-function-host=<address>:80');
   });
 
   it('unmapped loopback name -> blocked', async () => {

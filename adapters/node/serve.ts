@@ -133,6 +133,7 @@ export async function startGateway(config: NodeConfig, log: Logger): Promise<Run
       const onError = (err: NodeJS.ErrnoException) => {
         if (err.code === 'EADDRINUSE') reject(new ConfigError(`${config.host}:${config.port} is already in use: set PORT to another port (PORT=0 picks a free one), or stop what listens there.`));
         else if (err.code === 'EADDRNOTAVAIL') reject(new ConfigError(`HOST=${config.host} is not an address of this machine.`));
+        else if (err.code === 'ENOTFOUND' || err.code === 'EAI_AGAIN') reject(new ConfigError(`HOST=${config.host} does not resolve to an address of this machine.`));
         else reject(err);
       };
       server.once('error', onError);

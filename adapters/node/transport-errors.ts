@@ -69,7 +69,7 @@ export function toForwardError(req: ForwardRequest, err: unknown): ForwardError 
   // The usual first-day mistake: a bare container name outside Docker. Say what fixes it.
   const hint =
     code === 'ENOTFOUND' || code === 'EAI_AGAIN'
-      ? `; "${req.fn.upstream.hostname}" does not resolve here: on a compose network it is the service name, elsewhere map it with UPSTREAM_HOSTS=${req.fn.upstream.hostname}=<address>`
+      ? `; "${req.fn.upstream.hostname}" does not resolve here: on a compose network it is the service name, elsewhere map it with UPSTREAM_HOSTS=${req.fn.upstream.hostname}=<address>:${req.fn.upstream.port}`
       : '';
   return new ForwardError(kind, `upstream ${req.fn.name} (${req.fn.upstream.origin}) ${DESCRIPTIONS[kind]} (${detail})${hint}`, {
     cause: err,

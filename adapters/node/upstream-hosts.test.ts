@@ -3,7 +3,7 @@ import { parseUpstreamHosts } from './upstream-hosts.ts';
 
 describe('parseUpstreamHosts', () => {
   it('reads name=address pairs, spaces around items allowed', () => {
-    const hosts = parseUpstreamHosts(' hello-go=127.0.0.1 , Legacy_fn = 10.0.0.7,v6=fd00::12 ');
+    const hosts = parseUpstreamHosts(' hello-go=127.0.0.1 , Legacy_fn = 10.0.0.7,v6=[fd00::12] ');
     expect([...hosts]).toEqual([
       ['hello-go', { address: '127.0.0.1' }],
       ['legacy_fn', { address: '10.0.0.7' }],
@@ -33,6 +33,8 @@ describe('parseUpstreamHosts', () => {
     ['hello=example.com', 'IPv4 or IPv6'],
     ['hello=127.1', 'IPv4 or IPv6'],
     ['hello=[127.0.0.1]', 'IPv4 or IPv6'],
+    ['hello=::1:8005', 'in brackets'],
+    ['hello=fd00::12', 'in brackets'],
     ['hello=127.0.0.1:', 'IPv4 or IPv6'],
     ['hello=127.0.0.1:0', 'port must be 1..65535'],
     ['hello=127.0.0.1:65536', 'port must be 1..65535'],

@@ -4,7 +4,10 @@
  * With a port, the name is dialled on that port only (any other is refused at connect time),
  * so mapping a name to loopback does not open every local port to catalog rows.
  *
- *   UPSTREAM_HOSTS="hello-go=127.0.0.1:8001, legacy=10.0.0.7,v6fn=fd00::12,v6pinned=[fd00::13]:9000"
+ *   UPSTREAM_HOSTS="hello-go=127.0.0.1:8001, legacy=10.0.0.7,v6fn=[fd00::12],v6pinned=[fd00::13]:9000"
+ *
+ * An IPv6 address is always in brackets: `fd00::1:8000` is itself a valid address, so a
+ * port after a bare one could not be told from its last group.
  */
 import net from 'node:net';
 
@@ -17,7 +20,7 @@ export interface MappedHost {
 
 /** The same bare-hostname rule as core/upstream.ts (one DNS label, after lowercasing). */
 const BARE_HOST = /^[a-z0-9_][a-z0-9_-]{0,62}$/;
-/** `1.2.3.4:80`, `[v6]`, `[v6]:80`; a bare IPv6 literal has no port. */
+/** `1.2.3.4`, `1.2.3.4:80`, `[v6]`, `[v6]:80`. */
 const WITH_PORT = /^(?:\[([^\]]*)\]|([^:\[\]]*))(?::(\d{1,5}))?$/;
 
 function fail(item: string, reason: string): never {
@@ -25,7 +28,7 @@ function fail(item: string, reason: string): never {
 }
 
 function parseTarget(item: string, target: string): MappedHost {
-  if (net.isIP(target) === 6) return { address: target };
+  if (net.isIP(target) === 6) fail(item, `an IPv6 address goes in brackets, with or without a port: [${target}] or [${target}]:8000`);
   const m = WITH_PORT.exec(target);
   const address = m?.[1] ?? m?.[2] ?? '';
   const family = net.isIP(address);
