@@ -4,7 +4,7 @@
  * a shell exactly as printed. Then SIGTERM: a clean exit 0 with nothing left running.
  */
 import { spawn, execFile, type ChildProcess } from 'node:child_process';
-import { chmodSync, existsSync, mkdtempSync, rmSync, statSync } from 'node:fs';
+import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -191,4 +191,65 @@ describe('npm start with PGSTACK_DEMO=false, stopped by Ctrl-C', () => {
       rmSync(own, { recursive: true, force: true });
     }
   }, 120_000);
+});
+
+describe('npm start after a gateway was killed with SIGKILL', () => {
+  it('stops the demo function the dead gateway left running before starting its own', async () => {
+    const own = mkdtempSync(join(tmpdir(), 'pgstack-start-killed-'));
+    chmodSync(own, 0o755);
+    const env = { ...process.env, DATABASE_URL: '', JWT_SECRET: '', PGSTACK_DIR: join(own, 'state'), PORT: '0' };
+    const start = () => {
+      let out = '';
+      const npm = spawn('npm', ['start'], { cwd: REPO_ROOT, env, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+      npm.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+      npm.stderr!.on('data', (d: Buffer) => (out += d.toString()));
+      return { npm, output: () => out };
+    };
+    const waitCurl = async (run: { output: () => string }) => {
+      for (const deadline = Date.now() + 90_000; !/^curl .+$/m.test(run.output()) && Date.now() < deadline; ) await new Promise((r) => setTimeout(r, 50));
+      expect(run.output()).toMatch(/^curl .+$/m);
+    };
+    // Running, not a zombie waiting for a parent to reap it (a killed process's orphans are
+    // re-parented to init, which may reap late).
+    const alive = (pid: number) => {
+      try {
+        return !/^State:\s+Z/m.test(readFileSync(`/proc/${pid}/status`, 'utf8'));
+      } catch {
+        return false;
+      }
+    };
+    const first = start();
+    const second: { run?: ReturnType<typeof start> } = {};
+    try {
+      await waitCurl(first);
+      const demoPid = Number(readFileSync(join(own, 'state', 'demo.pid'), 'utf8'));
+      expect(alive(demoPid)).toBe(true);
+      // SIGKILL the gateway alone (not its group): the demo (and PostgreSQL) outlive it.
+      const { stdout: ps } = await exec('ps', ['-e', '-o', 'pid=,pgid=,args=']);
+      const gateway = ps
+        .split('\n')
+        .map((l) => l.trim().split(/\s+/))
+        .find(([, pgid, ...args]) => Number(pgid) === first.npm.pid && args[0]?.endsWith('node') && args.join(' ').includes('bin/pgstack.js serve'));
+      process.kill(Number(gateway![0]), 'SIGKILL');
+      await new Promise((r) => setTimeout(r, 300));
+      expect(alive(demoPid)).toBe(true);
+
+      second.run = start();
+      await waitCurl(second.run);
+      expect(alive(demoPid)).toBe(false);
+      expect(Number(readFileSync(join(own, 'state', 'demo.pid'), 'utf8'))).not.toBe(demoPid);
+      const [curl] = /^curl .+$/m.exec(second.run.output())!;
+      const { stdout: answer } = await exec('sh', ['-c', curl], { timeout: 15_000 });
+      expect((JSON.parse(answer) as { role: string }).role).toBe('authenticated');
+    } finally {
+      for (const run of [first, second.run]) {
+        try {
+          if (run?.npm.pid) process.kill(-run.npm.pid, 'SIGKILL');
+        } catch {}
+      }
+      // What the first gateway left behind outside its group is stopped by the second; make sure.
+      await new Promise((r) => setTimeout(r, 300));
+      rmSync(own, { recursive: true, force: true });
+    }
+  }, 180_000);
 });

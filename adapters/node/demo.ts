@@ -3,6 +3,8 @@
  * child process on 127.0.0.1, registered as `hello`.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { readFileSync, rmSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
@@ -15,8 +17,34 @@ export interface DemoFunction {
 
 // `node --import tsx` keeps the function one process (the tsx CLI would fork a second one
 // that a SIGTERM to the first does not always reach).
-/** Starts the hello-node example on a free loopback port; rejects with its stderr if it dies. */
-export function startDemoFunction(timeoutMs = 20_000): Promise<DemoFunction> {
+/**
+ * A demo left running by a gateway that died without stopping it (SIGKILL): its pid is
+ * kept in the state folder, and it is stopped before a new one starts. Only a process that
+ * still runs this server is signalled (a reused pid is left alone).
+ */
+function stopLeftover(pidFile: string): void {
+  let pid: number;
+  try {
+    pid = Number(readFileSync(pidFile, 'utf8').trim());
+  } catch {
+    return;
+  }
+  if (!Number.isInteger(pid) || pid <= 0) return;
+  try {
+    if (!readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(SERVER)) return;
+    process.kill(pid, 'SIGKILL');
+  } catch {
+    // gone already, or not ours to signal
+  }
+}
+
+/**
+ * Starts the hello-node example on a free loopback port; rejects with its stderr if it dies.
+ * Its pid is kept in `stateDir` while it runs.
+ */
+export function startDemoFunction(stateDir: string, timeoutMs = 20_000): Promise<DemoFunction> {
+  const pidFile = path.join(stateDir, 'demo.pid');
+  stopLeftover(pidFile);
   const child: ChildProcess = spawn(process.execPath, ['--import', import.meta.resolve('tsx'), SERVER], {
     env: { ...process.env, PORT: '0', HOST: '127.0.0.1' },
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -25,6 +53,8 @@ export function startDemoFunction(timeoutMs = 20_000): Promise<DemoFunction> {
   child.stderr?.on('data', (d: Buffer) => {
     stderr = (stderr + d.toString()).slice(-4000);
   });
+  if (child.pid !== undefined) writeFileSync(pidFile, `${child.pid}\n`);
+  child.once('exit', () => rmSync(pidFile, { force: true }));
   const stop = () =>
     new Promise<void>((resolve) => {
       if (child.exitCode !== null || child.signalCode !== null) return resolve();

@@ -149,7 +149,7 @@ export async function startGateway(config: NodeConfig, log: Logger): Promise<Run
     if (migrateNow) await migrate(databaseUrl, { log });
     let demo: DemoFunction | undefined;
     if (withDemo) {
-      demo = await startDemoFunction();
+      demo = await startDemoFunction(config.stateDir);
       cleanups.push(() => demo!.stop());
       if (!upstreamHosts.has('hello')) upstreamHosts.set('hello', { address: '127.0.0.1', port: demo.port });
       await upsertFunction(databaseUrl, { name: 'hello', runtime: 'http', verifyJwt: true, upstreamUrl: `http://hello:${demo.port}` });
