@@ -76,6 +76,7 @@ describe('core gateway: host-independent behaviour', () => {
       expect(() => createGateway({ keys }, deps)).toThrow(/config\.keys needs a jwtSecret, a jwks or a jwksUrl/);
     }
     expect(() => createGateway({ keys: { jwtSecret: SECRET } }, deps)).not.toThrow();
+    expect(() => createGateway({ keys: { jwtSecret: 'x'.repeat(31) } }, deps)).toThrow(/at least 32 characters/);
   });
 
   it('catalog not loaded -> 503 catalog_not_loaded with Retry-After', async () => {

@@ -166,14 +166,21 @@ function pathOf(target: string): string {
   return q < 0 ? target : target.slice(0, q);
 }
 
+/** RFC 7518 3.2: an HS256 key is at least 256 bits. */
+const MIN_SECRET_LENGTH = 32;
+
 /**
  * Builds the gateway. Throws a TypeError when config.keys holds no key at all (no
  * jwtSecret, jwks or jwksUrl): such a gateway could verify nothing and would answer 401 to
- * every token, which is a host's configuration mistake, not a policy.
+ * every token, which is a host's configuration mistake, not a policy; and when the HS256
+ * secret is shorter than 32 characters (a guessable key would let anyone mint tokens).
  */
 export function createGateway(config: GatewayConfig, deps: GatewayDeps): Gateway {
   if (!config.keys?.jwtSecret && !config.keys?.jwks && !config.keys?.jwksUrl) {
     throw new TypeError('createGateway: config.keys needs a jwtSecret, a jwks or a jwksUrl to verify tokens with');
+  }
+  if (config.keys.jwtSecret && config.keys.jwtSecret.length < MIN_SECRET_LENGTH) {
+    throw new TypeError(`createGateway: config.keys.jwtSecret must be at least ${MIN_SECRET_LENGTH} characters (HS256 needs a 256-bit key)`);
   }
   const now = deps.now ?? Date.now;
   const log = deps.log ?? silentLogger;

@@ -4,7 +4,7 @@
  * only stand-in is name resolution: a compose network would resolve `hello`, here a fetch
  * wrapper dials 127.0.0.1 for it (the request, headers and body are fetch()'s own).
  */
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
@@ -12,6 +12,7 @@ import { SignJWT } from 'jose';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Gateway } from '../core/index.ts';
 import { createEmbeddedGateway } from '../examples/embed/embed.ts';
+import { freePort } from '../adapters/node/embedded.ts';
 import { TEST_SECRET } from './support/gateway.ts';
 import { REPO_ROOT, startExample, type RunningExample } from './support/processes.ts';
 
@@ -140,7 +141,35 @@ describe('examples/embed/gateway.ts: export default { fetch } from the environme
     expect(JSON.parse(lines[0]!)).toMatchObject({ level: 'info', msg: 'request', function: 'hello', status: 401, code: 'credentials_required' });
   });
 
+  it('examples/embed/serve.ts serves it on Node as the README shows', async () => {
+    const rows = JSON.stringify([{ name: 'hello', runtime: 'http', verify_jwt: true, upstream_url: 'http://hello:8000' }]);
+    const port = String(await freePort());
+    const child = spawn(process.execPath, ['bin/run-ts.js', 'examples/embed/serve.ts'], {
+      cwd: REPO_ROOT,
+      env: { ...process.env, JWT_SECRET: TEST_SECRET, PGSTACK_FUNCTIONS: rows, PORT: port },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    try {
+      await new Promise<void>((resolve, reject) => {
+        const timer = setTimeout(() => reject(new Error('serve.ts did not start')), 20_000);
+        child.stdout!.on('data', (d: Buffer) => {
+          if (String(d).includes('embedded gateway on')) {
+            clearTimeout(timer);
+            resolve();
+          }
+        });
+      });
+      const res = await fetch(`http://127.0.0.1:${port}/functions/v1/hello`, { method: 'POST', body: 'x' });
+      expect(res.status).toBe(401);
+      expect(((await res.json()) as { code: string }).code).toBe('credentials_required');
+      expect((await fetch(`http://127.0.0.1:${port}/metrics`)).status).toBe(404); // off unless asked for
+    } finally {
+      child.kill('SIGKILL');
+    }
+  });
+
   it.each([
+    [{ JWT_SECRET: 'short', PGSTACK_FUNCTIONS: '[]' }, 'at least 32 characters'],
     [{ JWT_SECRET: '', PGSTACK_FUNCTIONS: '[]' }, 'JWT_SECRET is required'],
     [{ JWT_SECRET: TEST_SECRET, PGSTACK_FUNCTIONS: '{"name":"x"}' }, 'PGSTACK_FUNCTIONS must be a JSON array'],
     [{ JWT_SECRET: TEST_SECRET, PGSTACK_FUNCTIONS: 'not json' }, 'PGSTACK_FUNCTIONS must be a JSON array'],

@@ -43,6 +43,8 @@ export interface EmbeddedOptions {
   readonly rows: readonly CatalogRow[];
   readonly fetch?: typeof fetch;
   readonly log?: Logger;
+  /** Serve Prometheus text on /metrics. Default false. */
+  readonly metrics?: boolean;
 }
 
 /** A gateway over a fixed catalog; rows that fail validation are dropped and logged. */
@@ -50,6 +52,7 @@ export function createEmbeddedGateway(options: EmbeddedOptions): Gateway {
   const log = options.log ?? consoleLog;
   const snapshot = buildSnapshot(options.rows);
   for (const row of snapshot.dropped) log('warn', 'catalog row dropped', { function: row.name, reason: row.reason });
-  return createGateway({ keys: { jwtSecret: options.jwtSecret } }, { catalog: () => snapshot, forward: fetchForwarder(options.fetch), log });
+  // No /metrics here: an embedding exposes metrics only when it means to (metrics: true).
+  return createGateway({ keys: { jwtSecret: options.jwtSecret }, metrics: options.metrics ?? false }, { catalog: () => snapshot, forward: fetchForwarder(options.fetch), log });
 }
 
