@@ -18,13 +18,22 @@ import type { AddressInfo } from 'node:net';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { parseArgs } from 'node:util';
 import { randomBytes } from 'node:crypto';
 import { mintToken } from '../adapters/node/tokens.ts';
+import { parseFlags, wholeFlag } from './flags.ts';
 import { autocannonChild, body200, wrk, type LoadGenerator, type LoadResult, type Pin } from './load.ts';
 
-const { values: flags } = parseArgs({
-  options: {
+const USAGE = `usage: npm run bench [-- flags]
+  --seconds N       measured seconds per row (10)
+  --warmup N        unmeasured seconds before each row (5; 0 for none)
+  --connections N   concurrent connections of the load generator (32)
+  --rounds N        run the rows N times interleaved and keep each row's median (1)
+  --only a,b        rows by id: ${'gateway, gateway-fresh, http-proxy, undici, nginx, naive'}
+  --cpu-prof DIR    write a CPU profile of each Node proxy under DIR
+  --autocannon      use autocannon even when wrk is installed`;
+
+const flags = parseFlags(
+  {
     seconds: { type: 'string', default: '10' },
     warmup: { type: 'string', default: '5' },
     connections: { type: 'string', default: '32' },
@@ -33,16 +42,12 @@ const { values: flags } = parseArgs({
     'cpu-prof': { type: 'string' },
     autocannon: { type: 'boolean', default: false },
   },
-});
-const positive = (name: string, raw: string | undefined, min: number): number => {
-  const n = Number(raw);
-  if (!Number.isInteger(n) || n < min) throw new Error(`--${name} must be a whole number >= ${min}, got ${raw}`);
-  return n;
-};
-const seconds = positive('seconds', flags.seconds, 1);
-const warmup = positive('warmup', flags.warmup, 0);
-const connections = positive('connections', flags.connections, 1);
-const rounds = positive('rounds', flags.rounds, 1);
+  USAGE,
+);
+const seconds = wholeFlag('seconds', flags.seconds, 1, USAGE);
+const warmup = wholeFlag('warmup', flags.warmup, 0, USAGE);
+const connections = wholeFlag('connections', flags.connections, 1, USAGE);
+const rounds = wholeFlag('rounds', flags.rounds, 1, USAGE);
 
 const root = fileURLToPath(new URL('..', import.meta.url));
 const runTs = join(root, 'bin/run-ts.js');

@@ -20,7 +20,7 @@ import type { AddressInfo } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { parseArgs } from 'node:util';
+import { parseFlags } from './flags.ts';
 import pg from 'pg';
 import { Pool } from 'undici';
 import { freePort, startEmbeddedPostgres } from '../adapters/node/embedded.ts';
@@ -333,17 +333,26 @@ export function formatReport(r: SoakReport): string {
 }
 
 async function main(): Promise<number> {
-  const { values } = parseArgs({
-    options: {
+  const usage = `usage: npm run soak [-- flags]
+  --seconds N            how long the load runs (120)
+  --clients N            concurrent keep-alive clients (12)
+  --change-every-ms N    a catalog change this often (100)
+  --max-rss-growth-mb N  RSS growth between the middle and the end that fails the soak (48)`;
+  const values = parseFlags(
+    {
       seconds: { type: 'string', default: '120' },
       clients: { type: 'string', default: '12' },
       'change-every-ms': { type: 'string', default: '100' },
       'max-rss-growth-mb': { type: 'string', default: '48' },
     },
-  });
+    usage,
+  );
   const num = (name: string, raw: string) => {
     const n = Number(raw);
-    if (!Number.isFinite(n) || n <= 0) throw new Error(`--${name} must be a positive number, got "${raw}"`);
+    if (!Number.isFinite(n) || n <= 0) {
+      process.stderr.write(`--${name} must be a positive number, got "${raw}"\n\n${usage}\n`);
+      process.exit(2);
+    }
     return n;
   };
   const seconds = num('seconds', values.seconds);
