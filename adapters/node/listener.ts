@@ -27,6 +27,7 @@ import { Headers as WhatwgHeaders } from '@whatwg-node/fetch';
 import { createServerAdapter } from '@whatwg-node/server';
 import { ForwardError, GatewayError, toResponse, type Gateway, type Logger } from '../../core/index.ts';
 import { toNodeReadable } from './node-streams.ts';
+import { createPipelines } from './pipelining.ts';
 
 interface NodeContext {
   req: IncomingMessage;
@@ -88,14 +89,12 @@ export function createListener(gateway: Gateway, options: ListenerOptions = {}):
   server.on('checkContinue', handle);
   const awaiting = new Map<ServerResponse, Awaiting>();
   awaitingByServer.set(server, { awaiting, reporter });
+  // One request at a time per connection, and nothing after a `Connection: close` answer
+  // (see pipelining.ts).
   function handle(req: IncomingMessage, res: ServerResponse): void {
-    if (closing.has(req.socket)) {
-      // RFC 9112 9.6: after an answer that said `Connection: close`, nothing more received
-      // on that connection is processed. Node's parser still emits what it reads while the
-      // connection lingers; it is read and dropped, never routed, never answered.
-      req.resume();
-      return;
-    }
+    pipelines.admit(req, res, dispatch);
+  }
+  function dispatch(req: IncomingMessage, res: ServerResponse): void {
     // GET and HEAD bodies are never forwarded (the adapter drops them): no wrapper needed.
     const body = req.method === 'GET' || req.method === 'HEAD' ? undefined : new RequestBody(req, res);
     const source = body ? Object.assign(body, { method: req.method, url: req.url, headers: req.headers, socket: req.socket }) : req;
@@ -156,8 +155,8 @@ export async function answerAwaiting(server: Server, error: GatewayError, flushM
   return written.length;
 }
 
-/** Connections whose last answer said `Connection: close`: later requests on them are dropped. */
-const closing = new WeakSet<Socket>();
+/** Every connection's pipeline, whichever server it belongs to. */
+const pipelines = createPipelines();
 
 /** Unread request bodies up to this size are drained to keep the connection (Node's default). */
 const DRAIN_LIMIT_BYTES = 256 * 1024;
@@ -338,7 +337,7 @@ function sendResponse(
     headers['connection'] = 'close';
   }
   try {
-    if (headers['connection'] === 'close' || res.getHeader('connection') === 'close') closing.add(req.socket);
+    if (headers['connection'] === 'close' || res.getHeader('connection') === 'close') pipelines.closing(req.socket);
     // No reason phrase: RFC 9112 4 lets clients ignore it, and Node writes the standard one.
     // A function's own (latin-1, UTF-8, a control byte) is what Node refuses to write.
     res.writeHead(response.status, headers);

@@ -20,8 +20,15 @@ let userToken: string;
 /** Every request target the upstream received, in order. */
 const received: string[] = [];
 
+/** Requests in the upstream right now, and the most seen at once. */
+let concurrent = 0;
+let maxConcurrent = 0;
+
 function handler(req: IncomingMessage, res: ServerResponse): void {
   received.push(req.url ?? '');
+  concurrent++;
+  maxConcurrent = Math.max(maxConcurrent, concurrent);
+  res.once('close', () => concurrent--);
   const mode = /\/functions\/v1\/[^/]+\/?([\w-]*)/.exec(req.url ?? '')?.[1] ?? '';
   if (mode === 'early') {
     // Answers at once, without reading the body.
@@ -40,6 +47,9 @@ function handler(req: IncomingMessage, res: ServerResponse): void {
       case 'not-modified':
         res.writeHead(304, { etag: '"v1"', 'x-custom': 'kept' });
         res.end();
+        return;
+      case 'slow':
+        setTimeout(() => res.end(JSON.stringify({ method: req.method, bytes, url: req.url })), 5);
         return;
       case 'cookies':
         res.setHeader('set-cookie', ['a=1; Path=/; Expires=Wed, 21 Oct 2037 07:28:00 GMT; HttpOnly', 'b=2, c=3; Path=/']);
@@ -297,6 +307,47 @@ describe('after an answer that says Connection: close', () => {
     await new Promise((resolve) => setTimeout(resolve, 500));
     expect(received.filter((url) => url.includes(marker))).toEqual([]);
     await client.waitClosed(8_000);
+    client.destroy();
+  });
+});
+
+describe('pipelining', () => {
+  it('requests pipelined on one connection run one at a time, in order, and all are answered', async () => {
+    maxConcurrent = 0;
+    const client = await RawClient.connect(gw.port);
+    const n = 60;
+    await client.write(Array.from({ length: n }, (_, i) => requestText('GET', `/functions/v1/open-fn/slow?i=${i}`)).join(''));
+    for (let i = 0; i < n; i++) {
+      const res = await client.read();
+      expect(res.status).toBe(200);
+      expect((JSON.parse(res.body.toString()) as { url: string }).url).toBe(`/functions/v1/open-fn/slow?i=${i}`);
+    }
+    expect(maxConcurrent).toBe(1);
+    client.destroy();
+  });
+
+  it('a flood pipelined after a Connection: close answer is dropped, the connection closed, and the gateway stays responsive', async () => {
+    const before = received.length;
+    const client = await RawClient.connect(gw.port, '127.0.0.1', { allowHalfOpen: true });
+    const closed = new Promise<number>((resolve) => client.socket.once('close', () => resolve(Date.now())));
+    await client.write(requestText('POST', '/functions/v1/locked-fn', { expect: '100-continue', 'content-length': '5' }));
+    const first = await client.read();
+    expect([first.status, header(first, 'connection')]).toEqual([401, 'close']);
+    // The body after all, then 20,000 requests in ~1 MiB, sent while the connection lingers.
+    const flood = Buffer.from('hello' + requestText('GET', '/functions/v1/open-fn/flood').repeat(20_000));
+    client.socket.on('error', () => {}); // the reset that ends it
+    client.socket.write(flood, () => {});
+    const started = Date.now();
+    const health = await fetch(`http://127.0.0.1:${gw.port}/healthz`, { signal: AbortSignal.timeout(5_000) });
+    expect(health.status).toBe(200);
+    expect(Date.now() - started).toBeLessThan(1_000);
+    // Closed once it had brought a handful of requests, not at the end of the 5 s linger: a
+    // byte sent now meets a closed socket (a reset), not one still reading and dropping.
+    await new Promise((r) => setTimeout(r, 300));
+    client.socket.write('G', () => {});
+    const closedAt = await Promise.race([closed, new Promise<number>((_, reject) => setTimeout(() => reject(new Error('the flooding connection was not closed')), 1_500))]);
+    expect(closedAt - started).toBeLessThan(2_000);
+    expect(received.slice(before).filter((u) => u.includes('/flood'))).toEqual([]);
     client.destroy();
   });
 });

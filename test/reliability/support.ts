@@ -118,9 +118,10 @@ export class RawClient {
     });
   }
 
-  static connect(port: number, host = '127.0.0.1'): Promise<RawClient> {
+  /** `allowHalfOpen`: keep writing after the server's FIN (a client that goes on sending). */
+  static connect(port: number, host = '127.0.0.1', options: { allowHalfOpen?: boolean } = {}): Promise<RawClient> {
     return new Promise((resolve, reject) => {
-      const socket = net.connect(port, host);
+      const socket = net.connect({ port, host, allowHalfOpen: options.allowHalfOpen ?? false });
       socket.once('connect', () => {
         socket.off('error', reject);
         resolve(new RawClient(socket));
