@@ -569,6 +569,10 @@ describe('loops, transfer codings, method overrides, client aborts', () => {
     '/functions/v1/secure?.method=DELETE',
     '/functions/v1/secure?+method=DELETE',
     '/functions/v1/secure?_method[]=DELETE',
+    '/functions/v1/secure?%20_method=DELETE',
+    '/functions/v1/secure?+_method=DELETE',
+    '/functions/v1/secure?_method%00x=DELETE',
+    '/functions/v1/secure?_method%00=DELETE',
     '/functions/v1/secure?_method',
   ])('a preflight to %s (query method override) needs credentials (401)', async (path) => {
     const res = await send(makeGateway(), path, { method: 'OPTIONS', headers: preflight });

@@ -123,8 +123,13 @@ function queryKeyIsMethod(raw: string): boolean {
   } catch {
     // a malformed escape: judge the text as it is
   }
-  key = key.toLowerCase().replace(/\[.*$/, '').replace(/^[\s.]/, '_').trim();
-  return key === '_method';
+  // PHP's folding (php_register_variable_ex): the name ends at NUL, leading spaces go, then
+  // ' ' and '.' become '_' and a '[' starts an array index. Read with and without dropping
+  // the leading spaces, so no folding of either kind can hide an override.
+  const nul = key.indexOf('\u0000');
+  if (nul >= 0) key = key.slice(0, nul);
+  const fold = (name: string) => name.replace(/[ .]/g, '_').replace(/\[.*$/, '').trimEnd().toLowerCase();
+  return fold(key) === '_method' || fold(key.trimStart()) === '_method';
 }
 
 /**

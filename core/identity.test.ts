@@ -441,6 +441,17 @@ describe('credential sources', () => {
     expectInvalid(await id().identify(keys), 'ambiguous_credentials');
   });
 
+  it('a token under the bound whose claims escape to more than 8 KiB -> token_too_large; one that fits passes', async () => {
+    const wide = await hs(user({ name: 'é'.repeat(2_000) })); // ~5.5 KB token, ~12 KB escaped
+    expect(`Bearer ${wide}`.length).toBeLessThan(8192);
+    const refused = await bearer(id(), wide);
+    expectInvalid(refused, 'token_too_large');
+    if (refused.kind === 'invalid') expect(refused.error.message).toContain('X-Pgstack-Claims');
+    const fits = await bearer(id(), await hs(user({ name: 'é'.repeat(1_000) })));
+    expectValid(fits, 'authenticated', 'user-1');
+    if (fits.kind === 'valid') expect(fits.identity.claimsHeader!.length).toBeLessThanOrEqual(8192);
+  });
+
   it('a credential over 8 KiB -> token_too_large, before any parsing', async () => {
     expectInvalid(await id().identify(new Headers({ authorization: `Bearer ${'a'.repeat(8200)}` })), 'token_too_large');
     expectInvalid(await id().identify(new Headers({ apikey: 'a'.repeat(8200) })), 'token_too_large');

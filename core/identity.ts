@@ -140,7 +140,13 @@ export function createIdentifier(config: KeyConfig, deps: IdentifierDeps): Ident
       return new GatewayError('invalid_token', { message: 'An authenticated token must carry a "sub".' });
     }
     const claims = Object.freeze({ ...payload });
-    return Object.freeze({ role: role as Role, sub, claims, claimsHeader: encodeClaims(json) });
+    const claimsHeader = encodeClaims(json);
+    // Escaping can triple non-ASCII claims: bound what the function receives, as the token
+    // itself is bounded, so X-Pgstack-Claims fits any HTTP stack's header limits.
+    if (claimsHeader.length > maxTokenBytes) {
+      return new GatewayError('token_too_large', { message: `The token's claims are over ${maxTokenBytes} bytes once escaped for X-Pgstack-Claims.` });
+    }
+    return Object.freeze({ role: role as Role, sub, claims, claimsHeader });
   }
 
   async function verify(token: string, invalidCode: ErrorCode): Promise<Identity | GatewayError> {

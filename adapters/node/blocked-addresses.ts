@@ -22,6 +22,7 @@ V6.addAddress('::1', 'ipv6'); // loopback
 V6.addSubnet('fe80::', 10, 'ipv6'); // link-local
 V6.addSubnet('ff00::', 8, 'ipv6'); // multicast
 V6.addAddress('fd00:ec2::254', 'ipv6'); // AWS instance metadata over IPv6 (Nitro)
+V6.addAddress('fd20:ce::254', 'ipv6'); // Google Cloud metadata over IPv6
 // Translation prefixes whose IPv4 part cannot be read off one fixed place: refused whole
 // (no function lives behind them on a container network).
 V6.addSubnet('64:ff9b:1::', 48, 'ipv6'); // RFC 8215 local-use NAT64 (prefix lengths vary)

@@ -493,6 +493,17 @@ describe('undici forwarder: failures', () => {
     expect(heads).toBe(1);
   });
 
+  it.each([
+    ['status 000', 'HTTP/1.1 000 Zero\r\nContent-Length: 0\r\n\r\n'],
+    ['status 099', 'HTTP/1.1 099 Low\r\nContent-Length: 0\r\n\r\n'],
+    ['Transfer-Encoding: gzip, chunked', 'HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n'],
+    ['Transfer-Encoding: gzip only', 'HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nab'],
+  ])('an answer it cannot relay (%s) is bad_response', async (_, raw) => {
+    const { port } = await rawServer((socket) => socket.once('data', () => socket.end(raw)));
+    const err = await failure(forwarder().forward(call(entry(port))));
+    expect(err.kind).toBe('bad_response');
+  });
+
   it('maps an unparseable response to bad_response', async () => {
     const { port } = await rawServer((socket) => {
       socket.once('data', () => socket.end('NOT HTTP AT ALL\r\n\r\n'));
@@ -777,6 +788,7 @@ describe('isBlockedAddress (classified only, never contacted)', () => {
     'not-an-ip',
     '100.100.100.200',
     'fd00:ec2::254',
+    'fd20:ce::254',
     '64:ff9b:1::7f00:1',
     '64:ff9b:1:ffff::1',
     '2002:7f00:1::1',

@@ -85,6 +85,21 @@ const noop = (): void => {};
 /** setTimeout's ceiling (2^31 - 1 ms, about 24.8 days); longer deadlines are clamped. */
 const MAX_TIMER_MS = 2_147_483_647;
 
+/**
+ * Why an answer undici parsed cannot be relayed, or undefined: a status outside 100..999
+ * (no HTTP stack writes it), or a transfer coding besides chunked (undici removes the
+ * framing; `gzip, chunked` would reach the client still gzipped with nothing saying so).
+ */
+function unrelayableAnswer(data: Dispatcher.ResponseData): string | undefined {
+  if (!Number.isInteger(data.statusCode) || data.statusCode < 100 || data.statusCode > 999) return `answered with status ${data.statusCode}`;
+  const te = data.headers['transfer-encoding'];
+  if (te !== undefined) {
+    const codings = String(te).split(',').map((c) => c.trim().toLowerCase());
+    if (codings.some((c) => c !== '' && c !== 'chunked')) return `answered with Transfer-Encoding "${String(te)}" (only chunked is relayed)`;
+  }
+  return undefined;
+}
+
 function toResponse(req: ForwardRequest, data: Dispatcher.ResponseData): Response {
   // A plain object init: @whatwg-node's Headers keeps it as is (and its server can write it
   // with one writeHead) until someone edits it. Repeated Set-Cookie stays an array (one
@@ -247,6 +262,12 @@ export function createUndiciForwarder(options: UndiciForwarderOptions): NodeForw
     } catch (err) {
       exchange.finish();
       throw err;
+    }
+    const unrelayable = unrelayableAnswer(data);
+    if (unrelayable !== undefined) {
+      data.body.destroy();
+      exchange.finish();
+      throw new ForwardError('bad_response', `upstream ${req.fn.name} (${req.fn.upstream.origin}) ${unrelayable}`);
     }
     const response = toResponse(req, data);
     // The deadline covers the body too: keep it (and the client listener) until the body

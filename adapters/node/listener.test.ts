@@ -38,7 +38,7 @@ describe('listener: answers Node cannot write', () => {
     expect(res.status).toBe(502);
     expect(res.headers.get('x-relay-error')).toBe('true');
     expect(await res.json()).toEqual({ code: 'upstream_bad_response', message: 'The function sent a malformed response.' });
-    expect(logged.some((line) => line.startsWith("warn a function's answer could not be written"))).toBe(true);
+    expect(logged.some((line) => line.startsWith("warn a function's answer could not be relayed"))).toBe(true);
     expect(await (await fetch(`${url}/functions/v1/x`)).text()).toBe('fine');
   });
 

@@ -28,6 +28,7 @@ import { createServerAdapter } from '@whatwg-node/server';
 import { ForwardError, GatewayError, toResponse, type Gateway, type Logger } from '../../core/index.ts';
 import { toNodeReadable } from './node-streams.ts';
 import { createPipelines } from './pipelining.ts';
+import { classifyTransportError } from './transport-errors.ts';
 
 interface NodeContext {
   req: IncomingMessage;
@@ -102,11 +103,14 @@ export function createListener(gateway: Gateway, options: ListenerOptions = {}):
     Promise.resolve(adapter.handleNodeRequestAndResponse(source as unknown as IncomingMessage, res, { req, res }))
       .then((response) => {
         awaiting.delete(res);
-        const refused = sendResponse(response, req, res, body, !server.listening, reporter);
-        if (refused !== undefined) {
-          log?.('warn', "a function's answer could not be written as it is; answered 502 upstream_bad_response instead", {
+        const instead = sendResponse(response, req, res, body, !server.listening, reporter);
+        if (instead !== undefined) {
+          const cause = instead.cause;
+          log?.('warn', "a function's answer could not be relayed; the gateway answered instead", {
+            request_id: response.headers.get('x-request-id'),
             status: response.status,
-            error: refused instanceof Error ? `${refused.name}: ${refused.message}` : String(refused),
+            code: instead.code,
+            error: cause instanceof Error ? `${cause.name}: ${cause.message}` : String(cause),
           });
         }
       })
@@ -296,8 +300,9 @@ function answerInstead(error: GatewayError, req: IncomingMessage, res: ServerRes
 
 /**
  * Writes a fetch Response to a node:http response, streaming its body (see the head of this
- * file). Returns the error when Node refused the status or a header and the gateway's 502
- * upstream_bad_response went out instead; undefined otherwise.
+ * file). Returns the GatewayError answered instead when the response could not be relayed
+ * (Node refused its status or a header; its body failed before the head went out);
+ * undefined otherwise.
  */
 function sendResponse(
   response: Response,
@@ -307,12 +312,22 @@ function sendResponse(
   shuttingDown: boolean,
   reporter: Reporter,
   fallback = false,
-): unknown {
+): GatewayError | undefined {
   const body = response.body;
   if (res.destroyed || res.writableEnded) {
     // The client left before the answer was ready: release the upstream body.
     body?.cancel().catch(noop);
     return undefined;
+  }
+  const readable = body === null ? null : toNodeReadable(body);
+  if (readable !== null && !fallback && (readable.errored || (readable.closed && !readable.readableEnded))) {
+    // The body failed before its head went out (the function's head and a broken chunk in
+    // one packet, a reset right after the head): the head is not relayed, a 502 says why.
+    const cause = readable.errored;
+    const code = cause instanceof ForwardError && cause.kind === 'deadline' ? 'upstream_deadline' : classifyTransportError(cause) === 'bad_response' ? 'upstream_bad_response' : 'upstream_reset';
+    const instead = new GatewayError(code, { cause });
+    answerInstead(instead, req, res, requestBody, reporter);
+    return instead;
   }
   const headers: OutgoingHttpHeaders = {};
   let hasCookies = false;
@@ -345,11 +360,12 @@ function sendResponse(
     // A status or header Node will not write: the function's answer cannot be relayed.
     body?.cancel().catch(noop);
     if (fallback) throw err;
-    answerInstead(new GatewayError('upstream_bad_response', { cause: err }), req, res, requestBody, reporter);
-    return err;
+    const instead = new GatewayError('upstream_bad_response', { cause: err });
+    answerInstead(instead, req, res, requestBody, reporter);
+    return instead;
   }
-  if (body === null) res.end();
-  else pipeBody(toNodeReadable(body), res, reporter, headers['x-request-id']);
+  if (readable === null) res.end();
+  else pipeBody(readable, res, reporter, headers['x-request-id']);
   return undefined;
 }
 

@@ -19,7 +19,8 @@ const UNREACHABLE = new Set([
   'EADDRNOTAVAIL',
 ]);
 const RESET = new Set(['ECONNRESET', 'EPIPE', 'ECONNABORTED', 'UND_ERR_SOCKET']);
-const BAD_RESPONSE = new Set(['UND_ERR_INFO', 'UND_ERR_HEADERS_OVERFLOW', 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH']);
+// ERR_ASSERTION: undici asserts on a status it cannot take (`HTTP/1.1 000`, `099`).
+const BAD_RESPONSE = new Set(['UND_ERR_INFO', 'UND_ERR_HEADERS_OVERFLOW', 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH', 'ERR_ASSERTION']);
 
 export function errorCode(err: unknown): string | undefined {
   if (typeof err !== 'object' || err === null) return undefined;

@@ -48,7 +48,7 @@ function cutsFor(name: string): unknown[] {
 
 beforeAll(async () => {
   db = await createTestDatabase();
-  const names = ['refused', 'silent', 'stall-chunked', 'stall-length', 'reset-body', 'idle-close', 'idle-drop', 'reason'];
+  const names = ['refused', 'silent', 'stall-chunked', 'stall-length', 'reset-body', 'idle-close', 'idle-drop', 'reason', 'broken-chunk'];
   gw = await startTestGateway(db.url, {
     UPSTREAM_HOSTS: names.map((n) => `${n}=127.0.0.1`).join(','),
     UPSTREAM_HEADERS_TIMEOUT_MS: String(HEADERS_TIMEOUT_MS),
@@ -78,6 +78,29 @@ describe('upstream faults', () => {
       client.destroy();
       expect([res.status, res.body.toString()]).toEqual([201, 'ok']);
       expect((await gw.call('/healthz')).status).toBe(200);
+    }
+  });
+
+  it('a head and a broken first chunk in one packet: never relayed as a good answer (502 when the failure is seen before the head goes out)', async () => {
+    const broken = await startTcpUpstream((socket) => {
+      socket.once('data', () => socket.end('HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nAA\r\n0\r\n\r\n'));
+    });
+    upstreams.push(broken);
+    await register('broken-chunk', broken.port);
+    for (let i = 0; i < 5; i++) {
+      const client = await RawClient.connect(gw.port);
+      await client.write(requestText('GET', '/functions/v1/broken-chunk'));
+      const outcome = await client.read({ timeoutMs: 5_000 }).then(
+        (res) => res,
+        () => 'closed without a response' as const,
+      );
+      client.destroy();
+      // The 502 when the body's failure is known before the head is written; when it fails
+      // right after (Node has not sent the head yet), the connection closes with nothing:
+      // either way the client sees an error, never a 200 that looks whole.
+      if (outcome === 'closed without a response') continue;
+      if (outcome.status === 502) expect(expectGatewayErrorBody(outcome.body.toString()).code).toBe('upstream_bad_response');
+      else expect([outcome.status, outcome.complete]).toEqual([200, false]);
     }
   });
 
