@@ -265,7 +265,7 @@ export function createUndiciForwarder(options: UndiciForwarderOptions): NodeForw
     }
     const unrelayable = unrelayableAnswer(data);
     if (unrelayable !== undefined) {
-      data.body.destroy();
+      data.body.on('error', noop).destroy(); // (undici's body errors on destroy: never unhandled)
       exchange.finish();
       throw new ForwardError('bad_response', `upstream ${req.fn.name} (${req.fn.upstream.origin}) ${unrelayable}`);
     }
