@@ -46,7 +46,8 @@ beforeAll(() => {
 });
 
 afterAll(async () => {
-  if (child.exitCode === null && child.pid) {
+  // The whole group, also when npm has exited: what it started must not outlive the test.
+  if (child.pid) {
     try {
       process.kill(-child.pid, 'SIGKILL');
     } catch {}
@@ -122,8 +123,10 @@ describe('npm start on a fresh state folder', () => {
     expect((JSON.parse(answer) as { role: string }).role).toBe('authenticated');
   }, 90_000);
 
-  it('SIGTERM to the gateway stops it with exit 0, the embedded database and demo function with it', async () => {
-    // The gateway is npm's grandchild (npm -> sh -> node); signal it as an orchestrator would.
+  it('SIGTERM to the npm start process stops the gateway with exit 0, the embedded database and demo function with it', async () => {
+    // What a process manager (or `kill <pid>` of what it started) does: signal npm itself.
+    // npm passes the signal to its script's shell only; the script execs node so that the
+    // gateway is that process (a plain `sh -c node ...` died and left the gateway orphaned).
     const { stdout: ps } = await exec('ps', ['-e', '-o', 'pid=,pgid=,args=']);
     const gateway = ps
       .split('\n')
@@ -131,7 +134,7 @@ describe('npm start on a fresh state folder', () => {
       .find(([, pgid, ...args]) => Number(pgid) === child.pid && args[0]?.endsWith('node') && args.join(' ').includes('bin/pgstack.js serve'));
     expect(gateway, ps).toBeDefined();
     const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
-    process.kill(Number(gateway![0]), 'SIGTERM');
+    process.kill(child.pid!, 'SIGTERM');
     expect(await exited).toBe(0);
     expect(stdout).toContain('"msg":"shutting down"');
     expect(stdout).toContain('"msg":"stopped"');
@@ -172,6 +175,7 @@ describe('npm start with PGSTACK_DEMO=false, stopped by Ctrl-C', () => {
       expect(out).toMatch(/Database\s+postgres:\/\/\S+/);
       expect(out).toMatch(/Anon key\s+eyJ\S+/);
       expect(out).toContain('No demo function (PGSTACK_DEMO=false)');
+      expect(out).not.toContain('earlier demo run'); // a fresh folder has no demo row left over
       expect(out).not.toMatch(/^curl /m);
 
       const exited = new Promise<void>((resolve) => npm.once('exit', () => resolve()));
@@ -194,7 +198,7 @@ describe('npm start with PGSTACK_DEMO=false, stopped by Ctrl-C', () => {
 });
 
 describe('npm start after a gateway was killed with SIGKILL', () => {
-  it('stops the demo function the dead gateway left running before starting its own', async () => {
+  it('stops the demo function the dead gateway left running before starting its own, and prints the same keys', async () => {
     const own = mkdtempSync(join(tmpdir(), 'pgstack-start-killed-'));
     chmodSync(own, 0o755);
     const env = { ...process.env, DATABASE_URL: '', JWT_SECRET: '', PGSTACK_DIR: join(own, 'state'), PORT: '0' };
@@ -231,7 +235,7 @@ describe('npm start after a gateway was killed with SIGKILL', () => {
         .map((l) => l.trim().split(/\s+/))
         .find(([, pgid, ...args]) => Number(pgid) === first.npm.pid && args[0]?.endsWith('node') && args.join(' ').includes('bin/pgstack.js serve'));
       process.kill(Number(gateway![0]), 'SIGKILL');
-      await new Promise((r) => setTimeout(r, 300));
+      await new Promise((r) => setTimeout(r, 1_100)); // a second later: a new iat would show
       expect(alive(demoPid)).toBe(true);
 
       second.run = start();
@@ -241,6 +245,10 @@ describe('npm start after a gateway was killed with SIGKILL', () => {
       const [curl] = /^curl .+$/m.exec(second.run.output())!;
       const { stdout: answer } = await exec('sh', ['-c', curl], { timeout: 15_000 });
       expect((JSON.parse(answer) as { role: string }).role).toBe('authenticated');
+      // The anon and service keys are derived from the kept secret and its creation time.
+      const keys = (out: string) => /Anon key\s+(\S+)\n\s*Service key\s+(\S+)/.exec(out)?.slice(1);
+      expect(keys(first.output())).toHaveLength(2);
+      expect(keys(second.run.output())).toEqual(keys(first.output()));
     } finally {
       for (const run of [first, second.run]) {
         try {

@@ -12,7 +12,11 @@ import { readEmbeddedDatabaseUrl } from './embedded.ts';
 import { batchedStdout, createJsonLogger } from './logger.ts';
 import { migrate } from './migrate.ts';
 import { resolveJwtSecret, startGateway } from './serve.ts';
-import { DURATION, mintToken } from './tokens.ts';
+import { secretCreatedAt } from './local-state.ts';
+import { DURATION, mintToken, type MintOptions } from './tokens.ts';
+
+/** How long the banner's anon and service keys are valid from their iat. */
+const TEN_YEARS_S = 10 * 365 * 86_400;
 
 const USAGE = `pgstack: polyglot edge functions gateway
 
@@ -99,10 +103,14 @@ async function serve(config: NodeConfig): Promise<void> {
   // The embedded default is a local playground: show what a newcomer needs to call it.
   // Never with DATABASE_URL: a real deployment's logs get no long-lived service key.
   if (running.embedded && running.jwtSecret) {
-    const mint = (role: Role, extra: { sub?: string; expiresIn: string; claims?: Record<string, unknown> }) =>
+    const mint = (role: Role, extra: Omit<MintOptions, 'role' | 'issuer' | 'audience'>) =>
       mintToken(running.jwtSecret!, { role, ...extra, issuer: config.jwtIssuer, audience: config.jwtAudience });
-    const anon = await mint('anon', { expiresIn: '10y' });
-    const service = await mint('service_role', { expiresIn: '10y' });
+    // The keys carry the secret's creation time as iat, so they stay the same across
+    // restarts (as long as the secret does); a JWT_SECRET from the environment has none.
+    const createdAt = config.jwtSecret ? undefined : secretCreatedAt(config.stateDir);
+    const fixedTimes = createdAt === undefined ? undefined : { issuedAt: createdAt, expiresAt: createdAt + TEN_YEARS_S };
+    const anon = await mint('anon', { expiresIn: '10y', fixedTimes });
+    const service = await mint('service_role', { expiresIn: '10y', fixedTimes });
     const lines = [
       '',
       `pgstack functions proxy is running (embedded database${running.demo ? ', demo function "hello"' : ''})`,
@@ -122,7 +130,14 @@ async function serve(config: NodeConfig): Promise<void> {
         '',
       );
     } else {
-      lines.push('No demo function (PGSTACK_DEMO=false): register yours with `npx pgstack functions add`.', '');
+      lines.push('No demo function (PGSTACK_DEMO=false): register yours with `npx pgstack functions add`.');
+      // The row an earlier demo run registered stays (it is the user's catalog), unreachable now.
+      const loaded = await Promise.race([running.catalog.firstLoad(), new Promise<undefined>((r) => setTimeout(r, 2_000))]).catch(() => undefined);
+      const left = loaded?.functions.get('hello');
+      if (left?.upstream.hostname === 'hello' && !config.upstreamHosts.has('hello')) {
+        lines.push('The "hello" row an earlier demo run registered answers 502 without the demo: `npx pgstack functions rm hello` removes it.');
+      }
+      lines.push('');
     }
     stdout.flush(); // the log lines so far first
     process.stdout.write(`${lines.join('\n')}\n`);

@@ -74,7 +74,7 @@ function bool(env: Env, name: string, fallback: boolean): boolean {
   if (raw === undefined || raw === '') return fallback;
   if (['1', 'true', 'yes', 'on'].includes(raw)) return true;
   if (['0', 'false', 'no', 'off'].includes(raw)) return false;
-  throw new ConfigError(`${name} must be true or false, got "${env[name]}"`);
+  throw new ConfigError(`${name} must be true or false (also 1/0, yes/no, on/off), got "${env[name]}"`);
 }
 
 function optional(env: Env, name: string): string | undefined {

@@ -4,7 +4,7 @@
  * the CLI so a token minted by `pgstack token` verifies at the running gateway.
  */
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, unlinkSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
 import { ConfigError } from './config.ts';
 import { join, resolve } from 'node:path';
 
@@ -30,6 +30,18 @@ export function readOrCreateSecret(dir: string): string {
   const secret = randomBytes(32).toString('base64url');
   writeFileSync(join(dir, SECRET_FILE), `${secret}\n`, { mode: 0o600 });
   return secret;
+}
+
+/**
+ * When the saved secret was generated (epoch seconds), or undefined without one: the `iat`
+ * of the keys the banner prints, so that they are the same on every start.
+ */
+export function secretCreatedAt(dir: string): number | undefined {
+  try {
+    return Math.floor(statSync(join(dir, SECRET_FILE)).mtimeMs / 1000);
+  } catch {
+    return undefined;
+  }
 }
 
 /** Whether `pid` is a live Node process (a pid reused by something else after a crash is not). */
