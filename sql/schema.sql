@@ -6,7 +6,7 @@
 --            one notification per changed row, sent at commit; "name" is the row's name
 --            (the new name for UPDATE, the old one for DELETE) and null for TRUNCATE.
 --   The payload is for people and other listeners: the gateway reads what changed from the
---   change log at the end of this file (pgstack.catalog_version, pgstack.catalog_changes).
+--   change log at the end of this file (pgstack.catalog_changes).
 --
 -- Idempotent: safe to apply any number of times, also over the original four-column table
 -- (name, runtime, verify_jwt, upstream_url). `pgstack migrate` and the gateway's start-up
@@ -118,64 +118,77 @@ CREATE TRIGGER pgstack_fn_changed_truncate
   AFTER TRUNCATE ON pgstack.edge_functions
   FOR EACH STATEMENT EXECUTE FUNCTION pgstack.notify_catalog_changed();
 
--- The change log: what each committed change touched, in commit order, so a gateway can
--- reload only the rows that changed (a whole-table reload per change costs O(catalog)).
--- One counter row, bumped by every statement that changes the catalog: the row lock
--- serialises catalog writers, so versions follow commit order, and one query that reads
--- the counter, the changed names and those rows together sees a whole state, never half a
--- transaction. name NULL means "everything" (TRUNCATE). The log keeps the last 10,000
--- versions; a gateway further behind reloads the whole catalog.
-CREATE TABLE IF NOT EXISTS pgstack.catalog_version (
-  one     boolean PRIMARY KEY DEFAULT true CHECK (one),
-  version bigint NOT NULL
-);
-INSERT INTO pgstack.catalog_version (one, version) VALUES (true, 0) ON CONFLICT (one) DO NOTHING;
+-- The change log: the names each committed change touched, so that a gateway reloads only
+-- those rows (a whole-table reload per change costs O(catalog)). name NULL means
+-- "everything" (TRUNCATE). Each entry carries its writer's transaction id. A gateway keeps
+-- the snapshot its last read ran under (pg_current_snapshot()); the entries it has not seen
+-- are exactly those of transactions that snapshot did not see committed:
+--   xid >= pg_snapshot_xmin(snapshot) AND NOT pg_visible_in_snapshot(xid, snapshot)
+-- whatever order transactions commit in. No counter and no shared row: writers never wait
+-- for one another because of the log. About the newest 10,000 entries are kept; a gateway
+-- further behind than that, or one that sees the tables recreated (their OIDs change),
+-- reloads the whole catalog.
+
+-- The log of an earlier version of this schema: a counter row that every catalog writer
+-- locked (all writers queued behind one open transaction, and could deadlock with a TRUNCATE).
+DROP TRIGGER IF EXISTS pgstack_fn_versioned ON pgstack.edge_functions;
+DROP FUNCTION IF EXISTS pgstack.bump_catalog_version();
+DROP TABLE IF EXISTS pgstack.catalog_version;
+DO $old_log$
+BEGIN
+  IF EXISTS (SELECT 1 FROM pg_attribute
+              WHERE attrelid = to_regclass('pgstack.catalog_changes') AND attname = 'version' AND NOT attisdropped) THEN
+    DROP TABLE pgstack.catalog_changes;
+  END IF;
+END
+$old_log$;
 
 CREATE TABLE IF NOT EXISTS pgstack.catalog_changes (
-  version bigint NOT NULL,
-  name    text
+  id   bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  xid  xid8 NOT NULL DEFAULT pg_current_xact_id(),
+  name text
 );
-CREATE INDEX IF NOT EXISTS catalog_changes_version ON pgstack.catalog_changes (version);
+CREATE INDEX IF NOT EXISTS catalog_changes_xid ON pgstack.catalog_changes (xid);
 
 -- SECURITY DEFINER: a role allowed to edit pgstack.edge_functions need not be allowed to
--- write the log itself. The version is bumped (and its row locked) BEFORE the statement
--- touches a row: a writer then waits for the counter before it holds any catalog row, so
--- two transactions editing rows in different orders queue up instead of deadlocking.
-CREATE OR REPLACE FUNCTION pgstack.bump_catalog_version() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgstack AS $fn$
-BEGIN
-  UPDATE pgstack.catalog_version SET version = version + 1 WHERE one;
-  RETURN NULL;
-END
-$fn$;
-
+-- write the log itself.
 CREATE OR REPLACE FUNCTION pgstack.log_catalog_change() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgstack AS $fn$
 DECLARE
-  v bigint;
+  added bigint;
+  last_id bigint;
+  keep_from xid8;
 BEGIN
-  SELECT version INTO v FROM pgstack.catalog_version WHERE one; -- this statement's, bumped before it
   IF TG_OP = 'TRUNCATE' THEN
-    INSERT INTO pgstack.catalog_changes (version, name) VALUES (v, NULL);
+    INSERT INTO pgstack.catalog_changes (name) VALUES (NULL);
   ELSIF TG_OP = 'INSERT' THEN
-    INSERT INTO pgstack.catalog_changes (version, name) SELECT DISTINCT v, n.name FROM new_rows n;
+    INSERT INTO pgstack.catalog_changes (name) SELECT DISTINCT n.name FROM new_rows n;
   ELSIF TG_OP = 'DELETE' THEN
-    INSERT INTO pgstack.catalog_changes (version, name) SELECT DISTINCT v, o.name FROM old_rows o;
+    INSERT INTO pgstack.catalog_changes (name) SELECT DISTINCT o.name FROM old_rows o;
   ELSE
-    INSERT INTO pgstack.catalog_changes (version, name)
-      SELECT v, n.name FROM new_rows n UNION SELECT v, o.name FROM old_rows o;
+    INSERT INTO pgstack.catalog_changes (name) SELECT n.name FROM new_rows n UNION SELECT o.name FROM old_rows o;
   END IF;
-  IF v % 1000 = 0 THEN
-    DELETE FROM pgstack.catalog_changes WHERE version <= v - 10000;
+  GET DIAGNOSTICS added = ROW_COUNT;
+  IF added = 0 THEN
+    RETURN NULL;
+  END IF;
+  -- Pruning, when this statement's entries cross a multiple of 1,000 ids. Only entries of
+  -- transactions that every snapshot now sees as ended (xid below the current xmin) go, and
+  -- all of those below the cut: no later entry can be older than what was removed. Rows
+  -- another pruner holds are skipped, so pruners never wait for each other.
+  last_id := currval(pg_get_serial_sequence('pgstack.catalog_changes', 'id'));
+  IF last_id / 1000 > (last_id - added) / 1000 THEN
+    SELECT c.xid INTO keep_from FROM pgstack.catalog_changes c ORDER BY c.xid DESC OFFSET 10000 LIMIT 1;
+    IF keep_from IS NOT NULL THEN
+      DELETE FROM pgstack.catalog_changes
+       WHERE id IN (SELECT c.id FROM pgstack.catalog_changes c
+                     WHERE c.xid < keep_from AND c.xid < pg_snapshot_xmin(pg_current_snapshot())
+                     FOR UPDATE SKIP LOCKED);
+    END IF;
   END IF;
   RETURN NULL;
 END
 $fn$;
-
-DROP TRIGGER IF EXISTS pgstack_fn_versioned ON pgstack.edge_functions;
-CREATE TRIGGER pgstack_fn_versioned
-  BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON pgstack.edge_functions
-  FOR EACH STATEMENT EXECUTE FUNCTION pgstack.bump_catalog_version();
 
 -- Transition tables allow one event per trigger.
 DROP TRIGGER IF EXISTS pgstack_fn_logged_insert ON pgstack.edge_functions;

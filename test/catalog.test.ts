@@ -4,6 +4,7 @@
  * after pg_terminate_backend with a full reload, bursts coalesce, and the latency from commit
  * to visibility is measured.
  */
+import { readFileSync } from 'node:fs';
 import net from 'node:net';
 import pg from 'pg';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
@@ -367,6 +368,27 @@ describe('the change log: a change reloads only the rows it touched', () => {
     expect(source.stats().fullLoads).toBe(loadsBefore);
   });
 
+  it('a transaction that commits after a later one is still seen, incrementally (entries are found by snapshot, not by order)', async () => {
+    const source = await startCatalog();
+    const early = new pg.Client({ connectionString: db.url });
+    await early.connect();
+    try {
+      // `early` writes first and stays open while a later transaction commits and is loaded.
+      await early.query('BEGIN');
+      await early.query("INSERT INTO pgstack.edge_functions (name, runtime, upstream_url) VALUES ('late-commit', 'http', 'http://late:1')");
+      await insert('early-commit');
+      await vi.waitFor(() => expect(source.current()?.functions.has('early-commit')).toBe(true), WAIT);
+      expect(source.current()?.functions.has('late-commit')).toBe(false);
+      const before = source.stats();
+      await early.query('COMMIT');
+      await vi.waitFor(() => expect(source.current()?.functions.has('late-commit')).toBe(true), WAIT);
+      expect(source.stats().fullLoads).toBe(before.fullLoads);
+      expect(source.stats().changeLoads).toBeGreaterThan(before.changeLoads);
+    } finally {
+      await early.end();
+    }
+  });
+
   it('reads the whole table again when the log cannot say: a TRUNCATE, a log pruned past its version, a schema recreated', async () => {
     const source = await startCatalog();
     await insert('kept');
@@ -388,19 +410,31 @@ describe('the change log: a change reloads only the rows it touched', () => {
     expect(source.current()?.functions.has('lost-from-log')).toBe(true);
     expect(source.stats().fullLoads).toBe(full + 1);
 
-    // The version went back (tables recreated by a migration after a DROP).
+    // The schema dropped and recreated in one transaction with new rows: the new log knows
+    // nothing of what the old tables held ('kept' is gone, the new rows are all there).
     full = source.stats().fullLoads;
-    await db.sql('UPDATE pgstack.catalog_version SET version = 0');
-    await insert('after-reset');
-    await vi.waitFor(() => expect(source.current()?.functions.has('after-reset')).toBe(true), WAIT);
+    const client = new pg.Client({ connectionString: db.url });
+    await client.connect();
+    try {
+      await client.query('BEGIN');
+      await client.query('DROP SCHEMA pgstack CASCADE');
+      await client.query(readFileSync(new URL('../sql/schema.sql', import.meta.url), 'utf8'));
+      for (const name of ['re-a', 're-b', 're-c']) {
+        await client.query("INSERT INTO pgstack.edge_functions (name, runtime, upstream_url) VALUES ($1, 'http', 'http://re:1')", [name]);
+      }
+      await client.query('COMMIT');
+    } finally {
+      await client.end();
+    }
+    await vi.waitFor(() => expect([...source.current()!.functions.keys()].sort()).toEqual(['re-a', 're-b', 're-c']), WAIT);
     expect(source.stats().fullLoads).toBe(full + 1);
   });
 
-  it('without a readable log (an old schema), says so once and reloads the whole table on every change', async () => {
-    // An old schema: no log triggers, no log tables.
-    const triggers = ['pgstack_fn_versioned', 'pgstack_fn_logged_insert', 'pgstack_fn_logged_update', 'pgstack_fn_logged_delete', 'pgstack_fn_logged_truncate'];
+  it('without a readable log (an old schema, or a role without SELECT on it), says so once and reloads the whole table on every change', async () => {
+    // An old schema: no log triggers, no log table.
+    const triggers = ['pgstack_fn_logged_insert', 'pgstack_fn_logged_update', 'pgstack_fn_logged_delete', 'pgstack_fn_logged_truncate'];
     for (const t of triggers) await db.sql(`ALTER TABLE pgstack.edge_functions DISABLE TRIGGER ${t}`);
-    await db.sql('ALTER TABLE pgstack.catalog_version RENAME TO catalog_version_hidden');
+    await db.sql('ALTER TABLE pgstack.catalog_changes RENAME TO catalog_changes_hidden');
     try {
       const source = await startCatalog();
       const before = source.stats();
@@ -410,8 +444,41 @@ describe('the change log: a change reloads only the rows it touched', () => {
       expect(source.stats().fullLoads).toBeGreaterThan(before.fullLoads);
       expect(logs.filter((l) => l.level === 'warn' && l.message.startsWith('the catalog change log'))).toHaveLength(1);
     } finally {
-      await db.sql('ALTER TABLE pgstack.catalog_version_hidden RENAME TO catalog_version');
+      await db.sql('ALTER TABLE pgstack.catalog_changes_hidden RENAME TO catalog_changes');
       for (const t of triggers) await db.sql(`ALTER TABLE pgstack.edge_functions ENABLE TRIGGER ${t}`);
+    }
+  });
+
+  it('a role that may read the catalog but not the log: every change a full reload, said once, the listener never dropped', async () => {
+    const role = `pgstack_ro_${Math.random().toString(36).slice(2, 8)}`;
+    await db.sql(`CREATE ROLE ${role} LOGIN PASSWORD 'ro-secret'`);
+    await db.sql(`GRANT USAGE ON SCHEMA pgstack TO ${role}`);
+    await db.sql(`GRANT SELECT ON pgstack.edge_functions TO ${role}`);
+    const url = new URL(db.url);
+    url.username = role;
+    url.password = 'ro-secret';
+    const entries: LogEntry[] = [];
+    const source = createPostgresCatalog({
+      databaseUrl: url.toString(),
+      reconnectMinMs: 20,
+      reconnectMaxMs: 40,
+      log: (level, message, fields) => entries.push({ level, message, ...(fields ? { fields } : {}) }),
+    });
+    try {
+      source.start();
+      await source.firstLoad();
+      for (let i = 0; i < 5; i++) {
+        await insert(`ro-${i}`);
+        await vi.waitFor(() => expect(source.current()?.functions.has(`ro-${i}`)).toBe(true), WAIT);
+      }
+      expect(source.stats().reconnects).toBe(0);
+      expect(source.stats().changeLoads).toBe(0);
+      expect(entries.filter((l) => l.message.startsWith('the catalog change log'))).toHaveLength(1);
+      expect(entries.filter((l) => l.message.includes('listener lost'))).toEqual([]);
+    } finally {
+      await source.stop();
+      await db.sql(`DROP OWNED BY ${role}`);
+      await db.sql(`DROP ROLE ${role}`);
     }
   });
 });

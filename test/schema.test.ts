@@ -37,10 +37,10 @@ describe('schema.sql', () => {
 
   it('is idempotent: a second and third run change nothing', async () => {
     const before = await shape(db);
-    await migrate(db.url);
-    await migrate(db.url);
+    await migrate(db.url, { force: true });
+    await migrate(db.url, { force: true });
     expect(await shape(db)).toEqual(before);
-    expect(before.triggers).toEqual(['pgstack_fn_changed', 'pgstack_fn_changed_truncate', 'pgstack_fn_logged_delete', 'pgstack_fn_logged_insert', 'pgstack_fn_logged_truncate', 'pgstack_fn_logged_update', 'pgstack_fn_touch', 'pgstack_fn_versioned']);
+    expect(before.triggers).toEqual(['pgstack_fn_changed', 'pgstack_fn_changed_truncate', 'pgstack_fn_logged_delete', 'pgstack_fn_logged_insert', 'pgstack_fn_logged_truncate', 'pgstack_fn_logged_update', 'pgstack_fn_touch']);
     expect(before.constraints.map((c) => c.conname)).toEqual([
       'edge_functions_body_limit_positive',
       'edge_functions_http_needs_upstream',
@@ -53,59 +53,122 @@ describe('schema.sql', () => {
     expect(before.constraints.every((c) => c.convalidated)).toBe(true);
   });
 
-  it('survives concurrent migrations (advisory lock)', async () => {
-    await Promise.all([migrate(db.url), migrate(db.url), migrate(db.url), migrate(db.url)]);
-    expect((await shape(db)).triggers).toHaveLength(8);
+  it('leaves a current schema alone (no lock taken): an open transaction on the catalog holds up no start-up migration', async () => {
+    await migrate(db.url);
+    const open = new pg.Client({ connectionString: db.url });
+    await open.connect();
+    try {
+      await open.query('BEGIN');
+      await open.query("INSERT INTO pgstack.edge_functions (name, runtime, upstream_url) VALUES ('held', 'http', 'http://h:1')");
+      const started = performance.now();
+      await migrate(db.url, { lockTimeoutMs: 2_000 });
+      expect(performance.now() - started).toBeLessThan(1_000);
+      // Applying it anyway has to wait for that transaction: it gives up with a clear error.
+      await expect(migrate(db.url, { force: true, lockTimeoutMs: 300 })).rejects.toMatchObject({
+        code: '55P03',
+        message: expect.stringMatching(/waited over 300 ms for a lock on the pgstack tables: another session holds one/),
+      });
+    } finally {
+      await open.query('ROLLBACK').catch(() => {});
+      await open.end();
+    }
+    // A changed schema.sql is applied: the marker it left names this file's content.
+    const { rows } = await db.sql("SELECT obj_description('pgstack'::regnamespace, 'pg_namespace') AS marker");
+    expect(rows[0].marker).toMatch(/^pgstack schema sha256:[0-9a-f]{32}$/);
+    await db.sql("COMMENT ON SCHEMA pgstack IS 'pgstack schema sha256:older'");
+    await db.sql('DROP TRIGGER pgstack_fn_touch ON pgstack.edge_functions');
+    await migrate(db.url);
+    expect((await shape(db)).triggers).toContain('pgstack_fn_touch');
   });
 
-  it('logs each changing statement once, in commit order, with every name it touched (old and new on a rename)', async () => {
+  it('survives concurrent migrations (advisory lock)', async () => {
+    await Promise.all([migrate(db.url), migrate(db.url), migrate(db.url), migrate(db.url)]);
+    expect((await shape(db)).triggers).toHaveLength(7);
+  });
+
+  it('logs every name each changing statement touched (old and new on a rename) with its transaction id', async () => {
     await db.sql('TRUNCATE pgstack.edge_functions');
-    const version = async () => Number((await db.sql('SELECT version FROM pgstack.catalog_version')).rows[0].version);
-    const changes = async (after: number) =>
-      (await db.sql('SELECT version, name FROM pgstack.catalog_changes WHERE version > $1 ORDER BY version, name', [after])).rows.map((r) => [Number(r.version) - after, r.name]);
-    const start = await version();
-    await db.sql("INSERT INTO pgstack.edge_functions (name, runtime, upstream_url) VALUES ('log-a', 'http', 'http://a:1'), ('log-b', 'http', 'http://b:1')");
-    await db.sql("UPDATE pgstack.edge_functions SET name = 'log-c' WHERE name = 'log-a'");
-    await db.sql("UPDATE pgstack.edge_functions SET verify_jwt = false WHERE name = 'nothing-matches'");
-    await db.sql("DELETE FROM pgstack.edge_functions WHERE name = 'log-b'");
-    await db.sql('TRUNCATE pgstack.edge_functions');
-    expect(await version()).toBe(start + 5);
-    expect(await changes(start)).toEqual([
+    const after = Number((await db.sql('SELECT COALESCE(max(id), 0) AS id FROM pgstack.catalog_changes')).rows[0].id);
+    const client = new pg.Client({ connectionString: db.url });
+    await client.connect();
+    const xids: string[] = [];
+    const inTransaction = async (sql: string) => {
+      await client.query('BEGIN');
+      await client.query(sql);
+      xids.push((await client.query('SELECT pg_current_xact_id()::text AS x')).rows[0].x);
+      await client.query('COMMIT');
+    };
+    try {
+      await inTransaction("INSERT INTO pgstack.edge_functions (name, runtime, upstream_url) VALUES ('log-a', 'http', 'http://a:1'), ('log-b', 'http', 'http://b:1')");
+      await inTransaction("UPDATE pgstack.edge_functions SET name = 'log-c' WHERE name = 'log-a'");
+      await inTransaction("UPDATE pgstack.edge_functions SET verify_jwt = false WHERE name = 'nothing-matches'");
+      await inTransaction("DELETE FROM pgstack.edge_functions WHERE name = 'log-b'");
+      await inTransaction('TRUNCATE pgstack.edge_functions');
+    } finally {
+      await client.end();
+    }
+    const { rows } = await db.sql('SELECT xid::text AS xid, name FROM pgstack.catalog_changes WHERE id > $1 ORDER BY id, name', [after]);
+    const step = (xid: string) => xids.indexOf(xid);
+    expect(rows.map((r) => [step(r.xid), r.name]).sort((x, y) => x[0] - y[0] || String(x[1]).localeCompare(String(y[1])))).toEqual([
+      [0, 'log-a'],
+      [0, 'log-b'],
       [1, 'log-a'],
-      [1, 'log-b'],
-      [2, 'log-a'],
-      [2, 'log-c'],
-      [4, 'log-b'],
-      [5, null],
+      [1, 'log-c'],
+      [3, 'log-b'],
+      [4, null],
     ]);
   });
 
-  it('two transactions editing the same rows in opposite orders queue up on the log, never deadlock', async () => {
-    await db.sql("INSERT INTO pgstack.edge_functions (name, runtime, upstream_url) VALUES ('dl-a', 'http', 'http://a:1'), ('dl-b', 'http', 'http://b:1')");
+  it('writers of different rows never wait for each other because of the log: an open transaction holds up nobody', async () => {
+    await db.sql("INSERT INTO pgstack.edge_functions (name, runtime, upstream_url) VALUES ('w-a', 'http', 'http://a:1'), ('w-b', 'http', 'http://b:1')");
     const [one, two] = [new pg.Client({ connectionString: db.url }), new pg.Client({ connectionString: db.url })];
     await Promise.all([one.connect(), two.connect()]);
     try {
       await one.query('BEGIN');
-      await one.query("UPDATE pgstack.edge_functions SET verify_jwt = false WHERE name = 'dl-a'");
-      await two.query('BEGIN');
-      const second = (async () => {
-        await two.query("UPDATE pgstack.edge_functions SET verify_jwt = false WHERE name = 'dl-b'");
-        await two.query("UPDATE pgstack.edge_functions SET verify_jwt = true WHERE name = 'dl-a'");
-        await two.query('COMMIT');
-      })();
-      await new Promise((r) => setTimeout(r, 200));
-      await one.query("UPDATE pgstack.edge_functions SET verify_jwt = true WHERE name = 'dl-b'");
-      await one.query('COMMIT');
-      await second;
+      await one.query("UPDATE pgstack.edge_functions SET verify_jwt = false WHERE name = 'w-a'");
+      // Another session's change to another row (and an insert) completes while `one` is open.
+      await two.query("SET lock_timeout = '2s'");
+      await two.query("UPDATE pgstack.edge_functions SET verify_jwt = false WHERE name = 'w-b'");
+      await two.query("INSERT INTO pgstack.edge_functions (name, runtime, upstream_url) VALUES ('w-c', 'http', 'http://c:1')");
+      // A TRUNCATE in the open transaction, after another writer went through: no deadlock
+      // (a shared counter row made this one: the other writer waited on it holding the table).
+      await one.query('TRUNCATE pgstack.edge_functions');
+      await one.query('ROLLBACK');
+      // REPEATABLE READ writers of different rows both commit (no serialization failure).
+      await one.query('BEGIN ISOLATION LEVEL REPEATABLE READ');
+      await two.query('BEGIN ISOLATION LEVEL REPEATABLE READ');
+      await one.query("UPDATE pgstack.edge_functions SET verify_jwt = true WHERE name = 'w-a'");
+      await two.query("UPDATE pgstack.edge_functions SET verify_jwt = true WHERE name = 'w-b'");
+      await Promise.all([one.query('COMMIT'), two.query('COMMIT')]);
     } finally {
       await Promise.all([one.end(), two.end()]);
     }
-    const { rows } = await db.sql("SELECT name, verify_jwt FROM pgstack.edge_functions WHERE name LIKE 'dl-%' ORDER BY name");
+    const { rows } = await db.sql("SELECT name, verify_jwt FROM pgstack.edge_functions WHERE name LIKE 'w-%' ORDER BY name");
     expect(rows).toEqual([
-      { name: 'dl-a', verify_jwt: true },
-      { name: 'dl-b', verify_jwt: false },
+      { name: 'w-a', verify_jwt: true },
+      { name: 'w-b', verify_jwt: true },
+      { name: 'w-c', verify_jwt: true },
     ]);
+    await db.sql("DELETE FROM pgstack.edge_functions WHERE name LIKE 'w-%'");
   });
+
+  it('keeps about the newest 10,000 entries, however they are written (single statements, upserts)', async () => {
+    const count = async () => Number((await db.sql('SELECT count(*) AS n FROM pgstack.catalog_changes')).rows[0].n);
+    // 12,000 entries over 120 transactions, then upserts (INSERT ... ON CONFLICT DO UPDATE,
+    // what `pgstack functions add` runs) on top.
+    for (let i = 0; i < 120; i++) {
+      await db.sql(`INSERT INTO pgstack.edge_functions (name, runtime, upstream_url)
+                    SELECT 'prune-' || $1::int || '-' || g, 'http', 'http://p:1' FROM generate_series(1, 100) g`, [i]);
+    }
+    for (let i = 0; i < 300; i++) {
+      await db.sql(`INSERT INTO pgstack.edge_functions (name, runtime, upstream_url) VALUES ('prune-up', 'http', 'http://p:1')
+                    ON CONFLICT (name) DO UPDATE SET upstream_url = EXCLUDED.upstream_url`);
+    }
+    const n = await count();
+    expect(n).toBeGreaterThanOrEqual(10_000);
+    expect(n).toBeLessThanOrEqual(11_100);
+    await db.sql("DELETE FROM pgstack.edge_functions WHERE name LIKE 'prune-%'");
+  }, 60_000);
 
   it('a role that may only edit the catalog table can still change it (the log is written as its owner)', async () => {
     const role = `pgstack_editor_${Math.random().toString(36).slice(2, 8)}`;

@@ -186,6 +186,7 @@ describe('npm start with PGSTACK_DEMO=false, stopped by Ctrl-C', () => {
       expect(out).toContain('"msg":"shutting down","signal":"SIGINT"');
       expect(out).toContain('"msg":"stopped"');
       expect(out).not.toContain('catalog listener lost');
+      expect(out).not.toMatch(/embedded PostgreSQL (exited unexpectedly|was shut down by a signal)/);
       while ((await leftovers()).length > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
       expect(await leftovers()).toEqual([]);
     } finally {

@@ -11,30 +11,44 @@ export const CATALOG_QUERY =
   'SELECT name, runtime, verify_jwt, upstream_url, timeout_ms, max_body_bytes FROM pgstack.edge_functions ORDER BY name';
 
 /**
- * The whole catalog and the change log's version, in one statement (one snapshot): the
- * version a later CATALOG_CHANGES_QUERY continues from. One row with a NULL name when the
- * catalog is empty.
+ * Where the change log stands, as one SQL expression each, read in the same statement as
+ * the rows: the snapshot the statement runs under (pg_current_snapshot() is the statement's
+ * own), and the OIDs of the two tables (a DROP and re-create changes them, and the log then
+ * says nothing about what the old tables held).
+ */
+const LOG_POSITION = `pg_current_snapshot()::text AS log_snapshot,
+       'pgstack.edge_functions'::regclass::oid::text || '/' || 'pgstack.catalog_changes'::regclass::oid::text AS log_epoch`;
+
+/**
+ * The whole catalog and the change log's position, in one statement (one snapshot): where a
+ * later CATALOG_CHANGES_QUERY continues from. One row with a NULL name when the catalog is
+ * empty.
  */
 export const CATALOG_VERSIONED_QUERY = `
-SELECT v.version AS catalog_version, f.name, f.runtime, f.verify_jwt, f.upstream_url, f.timeout_ms, f.max_body_bytes
-  FROM (SELECT version FROM pgstack.catalog_version) v
+SELECT ${LOG_POSITION}, f.name, f.runtime, f.verify_jwt, f.upstream_url, f.timeout_ms, f.max_body_bytes
+  FROM (SELECT 1) one
   LEFT JOIN pgstack.edge_functions f ON true
  ORDER BY f.name`;
 
 /**
- * What changed since version $1, in one statement (one snapshot, so never half a
- * transaction): the current version, the oldest version the log still holds, whether a
- * TRUNCATE is among the changes, and each changed name (`changed`) with its row now (NULL
- * columns when the row is gone). One row with a NULL `changed` when nothing changed.
+ * What changed since the snapshot $1, in one statement (one snapshot, so never half a
+ * transaction): the log's position now; whether the log may have lost entries the gateway
+ * has not seen (its oldest entry is newer than $1's xmin: pruned past, or emptied); whether
+ * a TRUNCATE is among the changes; and each changed name (`changed`) with its row now
+ * (NULL columns when the row is gone). One row with a NULL `changed` when nothing changed.
+ * The entries not seen under $1 are those of transactions $1 did not see committed: at or
+ * above its xmin (below it every transaction had ended) and not visible in it.
  */
 export const CATALOG_CHANGES_QUERY = `
-WITH log AS (SELECT version, name FROM pgstack.catalog_changes WHERE version > $1::bigint),
+WITH since AS (SELECT $1::pg_snapshot AS s),
+     log AS (SELECT c.name FROM pgstack.catalog_changes c, since
+              WHERE c.xid >= pg_snapshot_xmin(since.s) AND NOT pg_visible_in_snapshot(c.xid, since.s)),
      names AS (SELECT DISTINCT name FROM log WHERE name IS NOT NULL)
-SELECT v.version AS catalog_version,
-       (SELECT min(version) FROM pgstack.catalog_changes) AS oldest,
+SELECT ${LOG_POSITION},
+       COALESCE((SELECT c.xid FROM pgstack.catalog_changes c ORDER BY c.xid LIMIT 1) > pg_snapshot_xmin(since.s), true) AS log_gap,
        EXISTS (SELECT 1 FROM log WHERE name IS NULL) AS truncated,
        n.name AS changed,
        f.name, f.runtime, f.verify_jwt, f.upstream_url, f.timeout_ms, f.max_body_bytes
-  FROM (SELECT version FROM pgstack.catalog_version) v
+  FROM since
   LEFT JOIN names n ON true
   LEFT JOIN pgstack.edge_functions f ON f.name = n.name`;

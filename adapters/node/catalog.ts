@@ -2,8 +2,9 @@
  * The live catalog of the Node host (DESIGN section 2): one dedicated connection holds
  * `LISTEN pgstack_catalog`. A notification reloads only what changed: the change log of
  * sql/schema.sql names the rows each committed change touched, and one statement reads the
- * log's version, those names and their rows together, so a snapshot is never half a
- * transaction and a change costs the changed rows, not the catalog. A reconnect, the
+ * entries its last read's snapshot did not see, those names' rows and its new snapshot
+ * together, so a snapshot is never half a transaction and a change costs the changed rows,
+ * not the catalog. A reconnect, the
  * backstop tick, a TRUNCATE or a log that cannot say what changed (pruned past, recreated,
  * not readable by this role) reload the whole table. Either way a new immutable snapshot
  * is swapped in with one assignment.
@@ -25,16 +26,29 @@ import { applyChanges, buildSnapshot, type CatalogRow, type CatalogSnapshot } fr
 import type { Logger } from '../../core/log.ts';
 import { CATALOG_CHANGES_QUERY, CATALOG_CHANNEL, CATALOG_QUERY, CATALOG_VERSIONED_QUERY } from './catalog-sql.ts';
 
-/** A row of CATALOG_VERSIONED_QUERY (pg returns bigint as text). */
+/** A row of CATALOG_VERSIONED_QUERY. */
 interface VersionedRow extends CatalogRow {
-  catalog_version: string;
+  log_snapshot: string;
+  log_epoch: string;
 }
 
 /** A row of CATALOG_CHANGES_QUERY. */
 interface ChangeRow extends VersionedRow {
-  oldest: string | null;
+  log_gap: boolean;
   truncated: boolean;
   changed: string | null;
+}
+
+/** Where the change log stood when the current snapshot was read (see catalog-sql.ts). */
+interface LogPosition {
+  readonly snapshot: string;
+  readonly epoch: string;
+}
+
+/** The log cannot be read: it (or the schema) is missing, or this role may not read it. */
+function unreadableLog(err: unknown): boolean {
+  const code = (err as { code?: unknown }).code;
+  return code === '42P01' || code === '42501' || code === '42883'; // undefined_table, insufficient_privilege, undefined_function (a server before 13)
 }
 
 export interface PostgresCatalogOptions {
@@ -133,8 +147,8 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
   let dirtyFull = false;
   /** Whether the change log is readable: unknown until the first full load of a connection. */
   let changeLog: boolean | undefined;
-  /** The change log's version the current snapshot reflects. */
-  let logVersion: string | undefined;
+  /** The change log's position the current snapshot reflects. */
+  let logPosition: LogPosition | undefined;
   let reloadLoop: Promise<void> | undefined;
   let lastReloadStart = Number.NEGATIVE_INFINITY;
   let pacing = PACING_MIN_MS;
@@ -188,26 +202,21 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
   }
 
   /**
-   * The whole catalog, with the change log's version when the log is readable (schema.sql
+   * The whole catalog, with the change log's position when the log is readable (schema.sql
    * applied, and the role may read it); without it every change reloads the whole table.
    */
   async function loadAll(c: pg.Client): Promise<CatalogSnapshot> {
     if (changeLog !== false) {
       try {
         const { rows } = await c.query<VersionedRow>(CATALOG_VERSIONED_QUERY);
-        logVersion = rows[0]?.catalog_version ?? undefined;
-        changeLog = logVersion !== undefined;
+        const head = rows[0];
+        logPosition = head === undefined ? undefined : { snapshot: head.log_snapshot, epoch: head.log_epoch };
+        changeLog = logPosition !== undefined;
         fullLoads++;
         return buildSnapshot(rows.filter((r) => r.name !== null), { edgeRuntimeUrl, previous: snapshot });
       } catch (err) {
-        const code = (err as { code?: unknown }).code;
-        if (code !== '42P01' && code !== '42501') throw err; // undefined_table, insufficient_privilege
-        changeLog = false;
-        logVersion = undefined;
-        log('warn', 'the catalog change log (pgstack.catalog_version, pgstack.catalog_changes) is not readable; every change reloads the whole catalog', {
-          error: message(err),
-          hint: 'apply sql/schema.sql (pgstack migrate), and grant this role SELECT on those tables',
-        });
+        if (!unreadableLog(err)) throw err;
+        logUnreadable(err);
       }
     }
     const { rows } = await c.query<CatalogRow>(CATALOG_QUERY);
@@ -215,22 +224,37 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
     return buildSnapshot(rows, { edgeRuntimeUrl, previous: snapshot });
   }
 
+  /** From now on (on this connection) every change reloads the whole table; said once. */
+  function logUnreadable(err: unknown): void {
+    changeLog = false;
+    logPosition = undefined;
+    log('warn', 'the catalog change log (pgstack.catalog_changes) is not readable; every change reloads the whole catalog', {
+      error: message(err),
+      hint: 'apply sql/schema.sql (pgstack migrate; PostgreSQL 13 or newer), and grant this role SELECT on pgstack.catalog_changes',
+    });
+  }
+
   /**
-   * The rows changed since logVersion, applied to the current snapshot; undefined when
-   * nothing changed. Falls back to loadAll when the log cannot say: a TRUNCATE, a log
-   * pruned past logVersion, or a version that went back (the schema was recreated).
+   * The rows changed since `since`, applied to the current snapshot; undefined when nothing
+   * changed. Falls back to loadAll when the log cannot say: a TRUNCATE, a log that may have
+   * lost entries not yet seen (pruned past, emptied), tables recreated, a log this role
+   * cannot read.
    */
-  async function loadChanges(c: pg.Client, current: CatalogSnapshot, since: string): Promise<CatalogSnapshot | undefined> {
-    const { rows } = await c.query<ChangeRow>(CATALOG_CHANGES_QUERY, [since]);
+  async function loadChanges(c: pg.Client, current: CatalogSnapshot, since: LogPosition): Promise<CatalogSnapshot | undefined> {
+    let rows: ChangeRow[];
+    try {
+      ({ rows } = await c.query<ChangeRow>(CATALOG_CHANGES_QUERY, [since.snapshot]));
+    } catch (err) {
+      if (!unreadableLog(err)) throw err;
+      logUnreadable(err);
+      return loadAll(c);
+    }
     const head = rows[0];
-    if (head === undefined) return loadAll(c);
-    const now = BigInt(head.catalog_version);
-    const before = BigInt(since);
-    if (now === before) return undefined;
-    if (now < before || head.truncated || (head.oldest !== null && BigInt(head.oldest) > before + 1n)) return loadAll(c);
-    logVersion = head.catalog_version;
-    changeLoads++;
+    if (head === undefined || head.log_epoch !== since.epoch || head.log_gap || head.truncated) return loadAll(c);
+    logPosition = { snapshot: head.log_snapshot, epoch: head.log_epoch };
     const changed = rows.flatMap((r) => (r.changed === null ? [] : [r.changed]));
+    if (changed.length === 0) return undefined;
+    changeLoads++;
     return applyChanges(current, changed, rows.filter((r) => r.name !== null), { edgeRuntimeUrl });
   }
 
@@ -241,7 +265,7 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
     let next: CatalogSnapshot | undefined;
     try {
       const current = snapshot;
-      const since = logVersion;
+      const since = logPosition;
       next = !full && current !== undefined && changeLog === true && since !== undefined ? await loadChanges(c, current, since) : await loadAll(c);
     } catch (err) {
       // A failed load on a live connection (statement timeout, missing table, half-open TCP)

@@ -272,7 +272,7 @@ export async function main(argv: string[]): Promise<number> {
       case 'migrate': {
         if (args.length) throw new UsageError(`migrate takes no arguments (it uses DATABASE_URL or the embedded database), got "${args[0]}"`);
         const url = databaseUrlFor(config);
-        await migrate(url).catch((err) => explainDbError(err, config));
+        await migrate(url, { force: true }).catch((err) => explainDbError(err, config));
         process.stdout.write('schema applied\n');
         return 0;
       }

@@ -186,7 +186,17 @@ export async function startEmbeddedPostgres(options: EmbeddedPostgresOptions): P
   let stopping: Promise<void> | undefined;
   child?.once('exit', (code, signal) => {
     running.delete(pgdata);
-    if (!stopping) log('error', 'embedded PostgreSQL exited unexpectedly', { code, signal, last: recent.slice(-5) });
+    if (stopping) return;
+    // Ctrl-C signals the terminal's whole process group: the server shuts down on its SIGINT
+    // a moment before the gateway's own handler stops it. A shutdown it was asked for is
+    // news only if the gateway does not stop shortly after.
+    if (recent.some((line) => /shutdown request/.test(line))) {
+      setTimeout(() => {
+        if (!stopping) log('warn', 'embedded PostgreSQL was shut down by a signal from outside the gateway', { code, signal, last: recent.slice(-5) });
+      }, 1_000).unref();
+      return;
+    }
+    log('error', 'embedded PostgreSQL exited unexpectedly', { code, signal, last: recent.slice(-5) });
   });
   log('info', 'embedded PostgreSQL is up', { dir: pgdata, port });
 

@@ -1,6 +1,7 @@
 /**
  * Applies sql/schema.sql. Safe to run at every start-up and from several gateways at once.
  */
+import { createHash } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import pg from 'pg';
 import type { Logger } from '../../core/log.ts';
@@ -12,6 +13,34 @@ const SCHEMA_FILE = new URL('../../sql/schema.sql', import.meta.url);
 export interface MigrateOptions {
   /** Receives the server's WARNINGs (e.g. old rows that break a new CHECK). */
   log?: Logger;
+  /**
+   * Apply even when the schema says it is current (`pgstack migrate`: repairs a trigger or
+   * a CHECK dropped by hand). Without it a current schema is left alone: re-applying takes
+   * exclusive locks on the catalog table, which would queue every catalog reader and
+   * writer behind any open transaction that touched it.
+   */
+  force?: boolean;
+  /** How long a statement waits for a lock before the migration gives up (and is retried by the caller). Default 5,000. */
+  lockTimeoutMs?: number;
+}
+
+/** The schema's comment names the version of schema.sql applied last. */
+const markerOf = (schema: string) => `pgstack schema sha256:${createHash('sha256').update(schema).digest('hex').slice(0, 32)}`;
+/**
+ * The marker, and whether every CHECK is validated: rows an older table let in leave a CHECK
+ * NOT VALID (see schema.sql), and once they are fixed the next migration validates it.
+ */
+const MARKER_QUERY = `SELECT obj_description(to_regnamespace('pgstack'), 'pg_namespace') AS marker,
+       NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass('pgstack.edge_functions') AND contype = 'c' AND NOT convalidated) AS validated`;
+
+async function isCurrent(client: pg.Client, marker: string): Promise<boolean> {
+  const row = (await client.query<{ marker: string | null; validated: boolean }>(MARKER_QUERY)).rows[0];
+  return row?.marker === marker && row.validated;
+}
+
+/** A migration that gave up waiting for a lock (lock_timeout). */
+export class MigrationLockTimeout extends Error {
+  readonly code = '55P03';
 }
 
 /**
@@ -22,6 +51,8 @@ export interface MigrateOptions {
  */
 export async function migrate(databaseUrl: string, options: MigrateOptions = {}): Promise<void> {
   const schema = await readFile(SCHEMA_FILE, 'utf8');
+  const marker = markerOf(schema);
+  const lockTimeoutMs = options.lockTimeoutMs ?? 5_000;
   const client = new pg.Client({
     connectionString: databaseUrl,
     application_name: 'pgstack-migrate',
@@ -35,12 +66,26 @@ export async function migrate(databaseUrl: string, options: MigrateOptions = {})
   });
   await client.connect();
   try {
+    if (!options.force && (await isCurrent(client, marker))) return;
     await client.query('BEGIN');
+    await client.query(`SET LOCAL lock_timeout = ${Math.max(1, Math.floor(lockTimeoutMs))}`);
     await client.query("SELECT pg_advisory_xact_lock(hashtextextended('pgstack.migrate', 0))");
+    // Another migrator may have applied it while this one waited.
+    if (!options.force && (await isCurrent(client, marker))) {
+      await client.query('COMMIT');
+      return;
+    }
     await client.query(schema);
+    await client.query(`COMMENT ON SCHEMA pgstack IS '${marker}'`);
     await client.query('COMMIT');
   } catch (err) {
     await client.query('ROLLBACK').catch(() => {});
+    if ((err as { code?: unknown }).code === '55P03') {
+      throw new MigrationLockTimeout(
+        `applying the schema waited over ${lockTimeoutMs} ms for a lock on the pgstack tables: another session holds one (an open transaction that changed the catalog?)`,
+        { cause: err },
+      );
+    }
     throw err;
   } finally {
     await client.end().catch(() => {});

@@ -20,6 +20,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { freePort, readEmbeddedDatabaseUrl, startEmbeddedPostgres, type EmbeddedPostgres } from '../../adapters/node/embedded.ts';
 import { startTestGateway, type TestGateway } from '../support/gateway.ts';
 import { expectGatewayErrorBody, startHttpUpstream, until, type Upstream } from './support.ts';
+import { migrate } from '../../adapters/node/migrate.ts';
 
 let dir: string;
 let port: number;
@@ -158,7 +159,7 @@ describe('a change whose notification is lost', () => {
 });
 
 describe('a least-privilege database role (SELECT on the catalog only) with MIGRATE_ON_START on', () => {
-  it('says once that it may not apply the schema, with the fix, and serves the catalog', async () => {
+  it('says once that it may not apply a changed schema, with the fix, and serves the catalog; says nothing when the schema is current', async () => {
     const role = `pgstack_ro_${randomBytes(4).toString('hex')}`;
     const password = randomBytes(12).toString('hex');
     await sql(`CREATE ROLE ${role} LOGIN PASSWORD '${password}'`);
@@ -169,6 +170,17 @@ describe('a least-privilege database role (SELECT on the catalog only) with MIGR
     url.password = password;
     let readOnly: TestGateway | undefined;
     try {
+      // The schema is current: nothing to apply, nothing to refuse.
+      const current = await startTestGateway(url.toString(), { UPSTREAM_HOSTS: 'db-fn=127.0.0.1', MIGRATE_ON_START: 'true' });
+      try {
+        await until(async () => (await current.call('/readyz')).status === 200, 10_000, 50, 'the read-only gateway ready');
+        expect((await current.call('/functions/v1/db-fn')).status).toBe(200);
+        expect(current.logs.filter((l) => String(l['msg']).startsWith('MIGRATE_ON_START'))).toEqual([]);
+      } finally {
+        await current.stop();
+      }
+      // A schema.sql newer than what the database holds: applying it is refused.
+      await sql("COMMENT ON SCHEMA pgstack IS 'pgstack schema sha256:older'");
       readOnly = await startTestGateway(url.toString(), { UPSTREAM_HOSTS: 'db-fn=127.0.0.1', MIGRATE_ON_START: 'true' });
       const ro = readOnly;
       await until(async () => (await ro.call('/readyz')).status === 200, 10_000, 50, 'the read-only gateway ready');
@@ -181,6 +193,7 @@ describe('a least-privilege database role (SELECT on the catalog only) with MIGR
       expect(ro.logs.some((l) => String(l['msg']).startsWith('catalog database unavailable'))).toBe(false);
     } finally {
       await readOnly?.stop();
+      await migrate(databaseUrl);
       await sql(`DROP OWNED BY ${role}`);
       await sql(`DROP ROLE ${role}`);
     }
