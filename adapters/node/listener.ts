@@ -270,12 +270,20 @@ function lingerOnClose(socket: Socket, req: IncomingMessage): void {
 function boundDrain(req: IncomingMessage, res: ServerResponse): void {
   res.once('finish', () => {
     if (req.complete) return;
+    const socket = req.socket;
     const timer = setTimeout(() => {
-      if (!req.complete) req.socket.destroy();
+      if (!req.complete) socket.destroy();
     }, LINGER_MS);
     timer.unref();
-    req.once('end', () => clearTimeout(timer));
-    req.socket.once('close', () => clearTimeout(timer));
+    // Both listeners go when either fires: the socket outlives the request on a keep-alive
+    // connection, and a listener left on it per request kept every such request in memory.
+    const done = (): void => {
+      clearTimeout(timer);
+      req.off('end', done);
+      socket.off('close', done);
+    };
+    req.once('end', done);
+    socket.once('close', done);
   });
 }
 

@@ -209,6 +209,32 @@ describe('a gateway answer given before the body was read', () => {
     });
   }
 
+  it('early answers on one keep-alive connection leave nothing behind on its socket (no listener, no request kept per answer)', async () => {
+    const sockets: Array<import('node:net').Socket> = [];
+    const onConnection = (socket: import('node:net').Socket) => sockets.push(socket);
+    gw.server.on('connection', onConnection);
+    try {
+      const client = await RawClient.connect(gw.port);
+      await eventually(() => sockets.length === 1);
+      const before = sockets[0]!.listenerCount('close');
+      const body = 'y'.repeat(500);
+      for (let i = 0; i < 30; i++) {
+        // The head alone first: the 401 goes out before the body has arrived, then the body
+        // follows and is drained, and the connection serves the next request.
+        await client.write(requestText('POST', '/functions/v1/locked-fn', { 'content-length': String(body.length) }));
+        const res = await client.read();
+        expect(res.status).toBe(401);
+        await client.write(body);
+      }
+      await expectUsable(client);
+      expect(sockets).toHaveLength(1);
+      expect(sockets[0]!.listenerCount('close')).toBeLessThanOrEqual(before + 1);
+      client.destroy();
+    } finally {
+      gw.server.off('connection', onConnection);
+    }
+  });
+
   it('a small announced body that never arrives does not hold the connection forever', async () => {
     const client = await RawClient.connect(gw.port);
     await client.write(requestText('POST', '/functions/v1/locked-fn', { 'content-length': '1000' }, 'only ten b'));
