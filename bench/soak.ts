@@ -140,8 +140,8 @@ async function startGatewayChild(databaseUrl: string): Promise<Child> {
     async reloads() {
       try {
         const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
-        const m = /^pgstack_catalog_reloads_total (\d+)/m.exec(text);
-        return m ? Number(m[1]) : undefined;
+        const counts = [...text.matchAll(/^pgstack_catalog_reloads_total\{kind="\w+"\} (\d+)$/gm)].map((m) => Number(m[1]));
+        return counts.length > 0 ? counts.reduce((a, b) => a + b, 0) : undefined;
       } catch {
         return undefined;
       }

@@ -125,9 +125,11 @@ CREATE TRIGGER pgstack_fn_changed_truncate
 -- are exactly those of transactions that snapshot did not see committed:
 --   xid >= pg_snapshot_xmin(snapshot) AND NOT pg_visible_in_snapshot(xid, snapshot)
 -- whatever order transactions commit in. No counter and no shared row: writers never wait
--- for one another because of the log. About the newest 10,000 entries are kept; a gateway
--- further behind than that, or one that sees the tables recreated (their OIDs change),
--- reloads the whole catalog.
+-- for one another because of the log. About the newest 10,000 entries are kept.
+-- pgstack.catalog_log_state.deleted_through is the newest xid whose entries may have been
+-- deleted (by pruning, by hand, by a TRUNCATE of the log): a gateway whose snapshot's xmin
+-- is not above it may have missed entries and reloads the whole catalog, as it does when
+-- the tables' OIDs change (recreated).
 
 -- The log of an earlier version of this schema: a counter row that every catalog writer
 -- locked (all writers queued behind one open transaction, and could deadlock with a TRUNCATE).
@@ -150,6 +152,14 @@ CREATE TABLE IF NOT EXISTS pgstack.catalog_changes (
 );
 CREATE INDEX IF NOT EXISTS catalog_changes_xid ON pgstack.catalog_changes (xid);
 
+-- One row. A new one says "anything before now may be missing" (its creator's xid).
+CREATE TABLE IF NOT EXISTS pgstack.catalog_log_state (
+  one             boolean PRIMARY KEY DEFAULT true CHECK (one),
+  deleted_through xid8 NOT NULL
+);
+INSERT INTO pgstack.catalog_log_state (one, deleted_through) VALUES (true, pg_current_xact_id())
+  ON CONFLICT (one) DO NOTHING;
+
 -- SECURITY DEFINER: a role allowed to edit pgstack.edge_functions need not be allowed to
 -- write the log itself.
 CREATE OR REPLACE FUNCTION pgstack.log_catalog_change() RETURNS trigger
@@ -158,6 +168,7 @@ DECLARE
   added bigint;
   last_id bigint;
   keep_from xid8;
+  horizon xid8;
 BEGIN
   IF TG_OP = 'TRUNCATE' THEN
     INSERT INTO pgstack.catalog_changes (name) VALUES (NULL);
@@ -172,23 +183,51 @@ BEGIN
   IF added = 0 THEN
     RETURN NULL;
   END IF;
-  -- Pruning, when this statement's entries cross a multiple of 1,000 ids. Only entries of
-  -- transactions that every snapshot now sees as ended (xid below the current xmin) go, and
-  -- all of those below the cut: no later entry can be older than what was removed. Rows
-  -- another pruner holds are skipped, so pruners never wait for each other.
+  -- Pruning, when this statement's entries cross a multiple of 1,000 ids, by one writer at a
+  -- time (the others skip it rather than wait), and only in READ COMMITTED: a snapshot held
+  -- for the whole transaction would fail to delete rows a pruner that committed meanwhile
+  -- removed. Only entries of transactions that every snapshot sees as ended go (below the
+  -- current xmin); the deletion trigger below records how far.
   last_id := currval(pg_get_serial_sequence('pgstack.catalog_changes', 'id'));
-  IF last_id / 1000 > (last_id - added) / 1000 THEN
+  IF last_id / 1000 > (last_id - added) / 1000
+     AND current_setting('transaction_isolation') = 'read committed'
+     AND pg_try_advisory_xact_lock(hashtextextended('pgstack.catalog_changes.prune', 0)) THEN
     SELECT c.xid INTO keep_from FROM pgstack.catalog_changes c ORDER BY c.xid DESC OFFSET 10000 LIMIT 1;
+    horizon := pg_snapshot_xmin(pg_current_snapshot());
     IF keep_from IS NOT NULL THEN
-      DELETE FROM pgstack.catalog_changes
-       WHERE id IN (SELECT c.id FROM pgstack.catalog_changes c
-                     WHERE c.xid < keep_from AND c.xid < pg_snapshot_xmin(pg_current_snapshot())
-                     FOR UPDATE SKIP LOCKED);
+      DELETE FROM pgstack.catalog_changes WHERE xid < LEAST(keep_from, horizon);
     END IF;
   END IF;
   RETURN NULL;
 END
 $fn$;
+
+-- Whoever deletes log entries (the pruner, a person), deleted_through follows.
+CREATE OR REPLACE FUNCTION pgstack.note_log_deletion() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgstack AS $fn$
+DECLARE
+  newest xid8;
+BEGIN
+  IF TG_OP = 'TRUNCATE' THEN
+    newest := pg_current_xact_id();
+  ELSE
+    SELECT o.xid INTO newest FROM old_rows o ORDER BY o.xid DESC LIMIT 1;
+  END IF;
+  IF newest IS NOT NULL THEN
+    UPDATE pgstack.catalog_log_state SET deleted_through = newest WHERE one AND deleted_through < newest;
+  END IF;
+  RETURN NULL;
+END
+$fn$;
+
+DROP TRIGGER IF EXISTS pgstack_log_deleted ON pgstack.catalog_changes;
+CREATE TRIGGER pgstack_log_deleted
+  AFTER DELETE ON pgstack.catalog_changes REFERENCING OLD TABLE AS old_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION pgstack.note_log_deletion();
+DROP TRIGGER IF EXISTS pgstack_log_truncated ON pgstack.catalog_changes;
+CREATE TRIGGER pgstack_log_truncated
+  AFTER TRUNCATE ON pgstack.catalog_changes
+  FOR EACH STATEMENT EXECUTE FUNCTION pgstack.note_log_deletion();
 
 -- Transition tables allow one event per trigger.
 DROP TRIGGER IF EXISTS pgstack_fn_logged_insert ON pgstack.edge_functions;

@@ -344,7 +344,15 @@ describe('the change log: a change reloads only the rows it touched', () => {
     await insert('swap-b', 'http://host-b:1');
     await vi.waitFor(() => expect(source.current()?.functions.has('swap-b')).toBe(true), WAIT);
     const seen: Array<string> = [];
-    reloadWaiters.push((snap) => seen.push([...snap.functions.keys()].filter((n) => n.startsWith('swap')).map((n) => `${n}=${snap.functions.get(n)!.upstream.hostname}`).join(',')));
+    reloadWaiters.push((snap) =>
+      seen.push(
+        [...snap.functions.keys()]
+          .filter((n) => n.startsWith('swap'))
+          .sort()
+          .map((n) => `${n}=${snap.functions.get(n)!.upstream.hostname}`)
+          .join(','),
+      ),
+    );
     const loadsBefore = source.stats().fullLoads;
     const client = new pg.Client({ connectionString: db.url });
     await client.connect();
@@ -388,6 +396,29 @@ describe('the change log: a change reloads only the rows it touched', () => {
       await early.end();
     }
   });
+
+  it('pruning while another session holds a transaction open (xmin held back) costs no full reloads', async () => {
+    await db.sql("INSERT INTO pgstack.edge_functions (name, runtime, upstream_url) SELECT 'held-' || g, 'http', 'http://h:1' FROM generate_series(1, 1000) g");
+    const source = await startCatalog();
+    const long = new pg.Client({ connectionString: db.url });
+    await long.connect();
+    try {
+      await long.query('BEGIN');
+      await long.query('SELECT pg_current_xact_id()'); // an xid: every snapshot's xmin stays at or below it
+      const before = source.stats();
+      const deletedThrough = async () => (await db.sql('SELECT deleted_through::text AS x FROM pgstack.catalog_log_state')).rows[0].x as string;
+      const prunedBefore = await deletedThrough();
+      // 12,000 entries: the log is pruned (of what came before the open transaction).
+      for (let i = 0; i < 12; i++) await db.sql("UPDATE pgstack.edge_functions SET verify_jwt = NOT verify_jwt WHERE name LIKE 'held-%'");
+      await insert('after-pruning');
+      await vi.waitFor(() => expect(source.current()?.functions.has('after-pruning')).toBe(true), WAIT);
+      expect(source.stats().fullLoads).toBe(before.fullLoads);
+      expect(BigInt(await deletedThrough())).toBeGreaterThan(BigInt(prunedBefore)); // it did prune
+    } finally {
+      await long.query('ROLLBACK');
+      await long.end();
+    }
+  }, 60_000);
 
   it('reads the whole table again when the log cannot say: a TRUNCATE, a log pruned past its version, a schema recreated', async () => {
     const source = await startCatalog();

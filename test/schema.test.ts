@@ -170,6 +170,81 @@ describe('schema.sql', () => {
     await db.sql("DELETE FROM pgstack.edge_functions WHERE name LIKE 'prune-%'");
   }, 60_000);
 
+  describe('pruning', () => {
+    // Rows [from, to] flipped in one statement: one log entry each. Concurrent writers get
+    // ranges of their own (row locks are not what is tested here).
+    const bulk = async (client: pg.Client | TestDatabase, from = 1_101, to = 2_100) =>
+      (client instanceof pg.Client ? client.query.bind(client) : client.sql.bind(client))(
+        `UPDATE pgstack.edge_functions SET verify_jwt = NOT verify_jwt WHERE name LIKE 'pr-%' AND substr(name, 4)::int BETWEEN ${from} AND ${to}`,
+      );
+    beforeAll(async () => {
+      await db.sql("INSERT INTO pgstack.edge_functions (name, runtime, upstream_url) SELECT 'pr-' || g, 'http', 'http://p:1' FROM generate_series(1, 2100) g");
+      for (let i = 0; i < 11; i++) await bulk(db);
+    });
+    afterAll(async () => {
+      await db.sql("DELETE FROM pgstack.edge_functions WHERE name LIKE 'pr-%' OR name = 'victim-pr'");
+    });
+
+    it('never deletes an entry a reader has not seen without saying so (deleted_through), also with a pruner left open', async () => {
+      const reader = (await db.sql('SELECT pg_current_snapshot()::text AS s, pg_snapshot_xmin(pg_current_snapshot())::text AS xmin')).rows[0];
+      const [victim, open] = [new pg.Client({ connectionString: db.url }), new pg.Client({ connectionString: db.url })];
+      await Promise.all([victim.connect(), open.connect()]);
+      try {
+        await victim.query('BEGIN');
+        await victim.query("INSERT INTO pgstack.edge_functions (name, runtime, upstream_url) VALUES ('victim-pr', 'http', 'http://v:1')");
+        const victimXid = (await victim.query('SELECT pg_current_xact_id()::text AS x')).rows[0].x as string;
+        await victim.query('COMMIT');
+        // A pruner whose transaction stays open while others write (and would prune).
+        await open.query('BEGIN');
+        await bulk(open, 1, 1_100);
+        for (let i = 0; i < 11; i++) await bulk(db);
+        await open.query('COMMIT');
+        for (let i = 0; i < 12; i++) await bulk(db);
+        const { rows } = await db.sql(
+          `SELECT EXISTS (SELECT 1 FROM pgstack.catalog_changes WHERE xid = $1::xid8 AND name = 'victim-pr') AS kept,
+                  (SELECT deleted_through FROM pgstack.catalog_log_state) >= $2::xid8 AS flagged`,
+          [victimXid, reader.xmin],
+        );
+        // The reader's snapshot did not see the victim: its entry is either still there, or
+        // the reader is told that it may be gone.
+        expect(rows[0].kept || rows[0].flagged).toBe(true);
+        expect(rows[0].kept).toBe(false); // (and here it was pruned: the case is exercised)
+      } finally {
+        await Promise.all([victim.end(), open.end()]);
+      }
+    }, 60_000);
+
+    it('a REPEATABLE READ writer whose statement would prune, after another pruned meanwhile, commits', async () => {
+      const rr = new pg.Client({ connectionString: db.url });
+      await rr.connect();
+      try {
+        await rr.query('BEGIN ISOLATION LEVEL REPEATABLE READ');
+        await rr.query('SELECT 1'); // its snapshot, from before the other pruner
+        for (let i = 0; i < 2; i++) await bulk(db);
+        await bulk(rr, 1, 1_100);
+        await rr.query('COMMIT');
+      } finally {
+        await rr.end();
+      }
+    }, 60_000);
+
+    it('an open transaction elsewhere (holding the xmin back) does not make a reader see a gap', async () => {
+      const long = new pg.Client({ connectionString: db.url });
+      await long.connect();
+      try {
+        await long.query('BEGIN');
+        await long.query('SELECT pg_current_xact_id()');
+        const reader = (await db.sql('SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS xmin')).rows[0];
+        for (let i = 0; i < 12; i++) await bulk(db);
+        const { rows } = await db.sql('SELECT (SELECT deleted_through FROM pgstack.catalog_log_state) >= $1::xid8 AS gap', [reader.xmin]);
+        expect(rows[0].gap).toBe(false);
+      } finally {
+        await long.query('ROLLBACK');
+        await long.end();
+      }
+    }, 60_000);
+  });
+
   it('a role that may only edit the catalog table can still change it (the log is written as its owner)', async () => {
     const role = `pgstack_editor_${Math.random().toString(36).slice(2, 8)}`;
     await db.sql(`CREATE ROLE ${role}`);

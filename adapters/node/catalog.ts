@@ -228,17 +228,17 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
   function logUnreadable(err: unknown): void {
     changeLog = false;
     logPosition = undefined;
-    log('warn', 'the catalog change log (pgstack.catalog_changes) is not readable; every change reloads the whole catalog', {
+    log('warn', 'the catalog change log (pgstack.catalog_changes, pgstack.catalog_log_state) is not readable; every change reloads the whole catalog', {
       error: message(err),
-      hint: 'apply sql/schema.sql (pgstack migrate; PostgreSQL 13 or newer), and grant this role SELECT on pgstack.catalog_changes',
+      hint: 'apply sql/schema.sql (pgstack migrate; PostgreSQL 13 or newer), and grant this role SELECT on pgstack.catalog_changes and pgstack.catalog_log_state',
     });
   }
 
   /**
    * The rows changed since `since`, applied to the current snapshot; undefined when nothing
-   * changed. Falls back to loadAll when the log cannot say: a TRUNCATE, a log that may have
-   * lost entries not yet seen (pruned past, emptied), tables recreated, a log this role
-   * cannot read.
+   * changed. Falls back to loadAll when the log cannot say: a TRUNCATE, entries not yet seen
+   * that may have been deleted (pruned past, emptied by hand), tables recreated, a log this
+   * role cannot read.
    */
   async function loadChanges(c: pg.Client, current: CatalogSnapshot, since: LogPosition): Promise<CatalogSnapshot | undefined> {
     let rows: ChangeRow[];
