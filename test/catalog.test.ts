@@ -55,6 +55,18 @@ async function startCatalog(options: Partial<PostgresCatalogOptions> = {}): Prom
   return catalog;
 }
 
+/** A catalog of its own (not stopped by afterEach), retrying fast, with its log lines. */
+function catalogAt(databaseUrl: string): { source: CatalogSource; entries: LogEntry[] } {
+  const entries: LogEntry[] = [];
+  const source = createPostgresCatalog({
+    databaseUrl,
+    reconnectMinMs: 20,
+    reconnectMaxMs: 40,
+    log: (level, message, fields) => entries.push({ level, message, ...(fields ? { fields } : {}) }),
+  });
+  return { source, entries };
+}
+
 /** Resolves with performance.now() at the first swap whose snapshot satisfies `test` (now, if the current one does). */
 function whenSnapshot(source: CatalogSource, test: (snapshot: CatalogSnapshot) => boolean): Promise<number> {
   const current = source.current();
@@ -488,13 +500,7 @@ describe('the change log: a change reloads only the rows it touched', () => {
     const url = new URL(db.url);
     url.username = role;
     url.password = 'ro-secret';
-    const entries: LogEntry[] = [];
-    const source = createPostgresCatalog({
-      databaseUrl: url.toString(),
-      reconnectMinMs: 20,
-      reconnectMaxMs: 40,
-      log: (level, message, fields) => entries.push({ level, message, ...(fields ? { fields } : {}) }),
-    });
+    const { source, entries } = catalogAt(url.toString());
     try {
       source.start();
       await source.firstLoad();
@@ -519,13 +525,7 @@ describe('catalog without a database', () => {
     const port = await freePort();
     const url = new URL(db.url);
     url.port = String(port);
-    const entries: LogEntry[] = [];
-    const source = createPostgresCatalog({
-      databaseUrl: url.toString(),
-      reconnectMinMs: 20,
-      reconnectMaxMs: 40,
-      log: (level, message, fields) => entries.push({ level, message, ...(fields ? { fields } : {}) }),
-    });
+    const { source, entries } = catalogAt(url.toString());
     const first = source.firstLoad();
     source.start();
     await vi.waitFor(() => expect(entries.filter((e) => e.message.includes('retrying')).length).toBeGreaterThanOrEqual(3), WAIT);
