@@ -19,6 +19,7 @@ export const ERROR_CODES = {
   invalid_apikey: { status: 401, message: 'The apikey is invalid.' },
   ambiguous_credentials: { status: 401, message: 'More than one Authorization header or apikey was sent.' },
   token_too_large: { status: 431, message: 'The credentials are too large.' },
+  too_many_headers: { status: 431, message: 'The request has more header lines than the gateway accepts.' },
   // limits
   payload_too_large: { status: 413, message: 'The request body is over the limit.' },
   upgrade_not_supported: { status: 501, message: 'Protocol upgrades are not supported.' },

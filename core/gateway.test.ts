@@ -190,6 +190,20 @@ describe('core gateway: host-independent behaviour', () => {
     expect(echo.body).toBe('part one, part two');
   });
 
+  it('more header lines than maxHeaderLines -> 431 too_many_headers, never forwarded; the host count wins over the Request\'s', async () => {
+    let calls = 0;
+    const gateway = makeGateway({ forward: async (req) => (calls++, echoUpstream(req)) }, { ...CONFIG, limits: { ...CONFIG.limits, maxHeaderLines: 10 } });
+    const lines = (n: number): [string, string][] => Array.from({ length: n }, (_, i) => [`x-h${i}`, 'v']);
+    const over = await send(gateway, '/functions/v1/open', { headers: lines(11) });
+    expect(over.status).toBe(431);
+    expect((await errorBody(over)).code).toBe('too_many_headers');
+    expect((await send(gateway, '/functions/v1/open', { headers: lines(10) })).status).toBe(200);
+    // A host that saw more lines than the Request holds (repeated names joined) says so.
+    const counted = await gateway.fetch(new Request('http://gateway.test/functions/v1/open'), { rawTarget: '/functions/v1/open', headerLines: 11 });
+    expect(counted.status).toBe(431);
+    expect(calls).toBe(1);
+  });
+
   it('a websocket upgrade -> 501 upgrade_not_supported, never forwarded', async () => {
     let calls = 0;
     const gateway = makeGateway({

@@ -22,6 +22,13 @@ export interface GatewayLimits {
   readonly maxBodyBytes?: number;
   /** Overall per-request deadline in ms, unless the function's row sets its own. Default 150 s. */
   readonly requestTimeoutMs?: number;
+  /**
+   * Request header lines accepted; more is 431 too_many_headers. Default 100 (Apache's
+   * LimitRequestFields). The gateway adds about ten of its own, and an upstream that stops
+   * reading at its own count (Node keeps 1,000 silently, Python refuses over 100) must never
+   * be the one to drop the identity headers.
+   */
+  readonly maxHeaderLines?: number;
 }
 
 export interface GatewayConfig {
@@ -65,6 +72,11 @@ export interface RequestContext {
   readonly clientAddress?: string;
   /** Aborted when the client goes away. Default: request.signal. */
   readonly signal?: AbortSignal;
+  /**
+   * Header lines as received (Node: rawHeaders.length / 2), for the maxHeaderLines limit.
+   * Default: the entries of request.headers (repeated names joined count once).
+   */
+  readonly headerLines?: number;
 }
 
 export interface Gateway {
@@ -151,7 +163,8 @@ function isCorsPreflight(request: Request, target: string): boolean {
 const MAX_VIA_HOPS = 16;
 
 /** X-Request-Id kept from the client only when it is a plain token. */
-const REQUEST_ID = /^[A-Za-z0-9._:+=\/-]{1,128}$/;
+/** A caller's X-Request-Id kept as is: a plain token, no '/' (a function may put it in a file path). */
+const REQUEST_ID = /^[A-Za-z0-9._:+=-]{1,128}$/;
 
 function targetOf(request: Request): string {
   const url = new URL(request.url);
@@ -180,6 +193,12 @@ const MIN_SECRET_LENGTH = 32;
  * every token, which is a host's configuration mistake, not a policy; and when the HS256
  * secret is shorter than 32 characters (a guessable key would let anyone mint tokens).
  */
+function countHeaders(headers: Headers): number {
+  let n = 0;
+  headers.forEach(() => n++);
+  return n;
+}
+
 export function createGateway(config: GatewayConfig, deps: GatewayDeps): Gateway {
   if (!config.keys?.jwtSecret && !config.keys?.jwks && !config.keys?.jwksUrl) {
     throw new TypeError('createGateway: config.keys needs a jwtSecret, a jwks or a jwksUrl to verify tokens with');
@@ -196,6 +215,7 @@ export function createGateway(config: GatewayConfig, deps: GatewayDeps): Gateway
   const viaToken = `pgstack-${crypto.randomUUID().slice(0, 8)}`;
   const maxBodyBytes = config.limits?.maxBodyBytes ?? 20 * 1024 * 1024;
   const requestTimeoutMs = config.limits?.requestTimeoutMs ?? 150_000;
+  const maxHeaderLines = config.limits?.maxHeaderLines ?? 100;
   const trusted: Cidr[] = (config.trustedProxies ?? []).map(parseCidr);
   const identifier = createIdentifier(config.keys, { now, log, fetch: deps.fetch ?? globalThis.fetch.bind(globalThis) });
   const route = createRouteTable({ metrics: config.metrics ?? true });
@@ -227,6 +247,7 @@ export function createGateway(config: GatewayConfig, deps: GatewayDeps): Gateway
 
   async function proxy(request: Request, context: RequestContext, requestId: string, state: { fn?: string; role?: string }): Promise<Response> {
     if (draining) throw new GatewayError('shutting_down', { headers: { 'retry-after': '1', connection: 'close' } });
+    if ((context.headerLines ?? countHeaders(request.headers)) > maxHeaderLines) throw new GatewayError('too_many_headers');
     if (!PROXY_METHODS.has(request.method)) throw new GatewayError('method_not_allowed', { headers: { allow: ALLOW_HEADER } });
     const parsed = parseFunctionTarget(context.rawTarget ?? targetOf(request));
     if (isGatewayError(parsed)) throw parsed;

@@ -18,20 +18,42 @@ const HOP_BY_HOP: ReadonlySet<string> = new Set([
   'http2-settings',
 ]);
 
-/** Forwarding headers a client could forge; the gateway sets its own. */
+/**
+ * Headers through which proxies tell an application the client's address, the scheme, the
+ * original host or URL, or a user: a client could forge any of them (Rack trusts
+ * X-Forwarded-Ssl for https, IIS X-Original-URL for routing). Dropped unless they come from
+ * a trusted proxy; the gateway sets its own X-Forwarded-For/-Proto/-Host. Every
+ * `x-forwarded-*` name is included (see isForwarding).
+ */
 const FORWARDING: ReadonlySet<string> = new Set([
   'forwarded',
-  'x-forwarded-for',
-  'x-forwarded-proto',
-  'x-forwarded-host',
-  'x-forwarded-port',
-  'x-forwarded-prefix',
-  'x-forwarded-server',
+  'x-forwarded',
+  'forwarded-for',
   'x-real-ip',
   'x-client-ip',
+  'client-ip',
   'true-client-ip',
   'cf-connecting-ip',
+  'fastly-client-ip',
+  'x-cluster-client-ip',
+  'x-envoy-external-address',
+  'x-originating-ip',
+  'x-remote-ip',
+  'x-remote-addr',
+  'x-proxyuser-ip',
+  'front-end-https',
+  'x-url-scheme',
+  'x-scheme',
+  'x-host',
+  'x-original-host',
+  'x-original-url',
+  'x-original-uri',
+  'x-rewrite-url',
 ]);
+
+function isForwarding(canonical: string): boolean {
+  return FORWARDING.has(canonical) || canonical.startsWith('x-forwarded-');
+}
 
 /**
  * Request headers the gateway handles itself: `host` (the transport sets the upstream's),
@@ -97,7 +119,7 @@ export function buildUpstreamHeaders(inbound: Headers, identity: Identity, reque
     if (isHopByHop(canonical, named)) return;
     if (canonical.startsWith(IDENTITY_PREFIX)) return;
     if (GATEWAY_OWNED.has(canonical)) return;
-    if (FORWARDING.has(canonical) && (!facts.trustForwarded || canonical !== name)) return;
+    if (isForwarding(canonical) && (!facts.trustForwarded || canonical !== name)) return;
     out.append(name, value);
   });
 

@@ -31,6 +31,7 @@ export interface NodeConfig {
   readonly upstreamMaxConnections: number;
   readonly requestTimeoutMs: number;
   readonly maxBodyBytes: number;
+  readonly maxHeaderLines: number;
   readonly trustedProxies: readonly string[];
   readonly catalogBackstopMs: number;
   readonly migrateOnStart: boolean;
@@ -55,6 +56,7 @@ export const DEFAULTS = {
   UPSTREAM_MAX_CONNECTIONS: 0,
   REQUEST_TIMEOUT_MS: 150_000,
   MAX_BODY_BYTES: 20 * 1024 * 1024,
+  MAX_HEADER_LINES: 100,
   CATALOG_BACKSTOP_MS: 60_000,
   SHUTDOWN_GRACE_MS: 10_000,
   PGSTACK_DIR: '.pgstack',
@@ -166,6 +168,7 @@ export function loadConfig(env: Env = process.env): NodeConfig {
     upstreamMaxConnections: int(env, 'UPSTREAM_MAX_CONNECTIONS', 0),
     requestTimeoutMs: int(env, 'REQUEST_TIMEOUT_MS', 1),
     maxBodyBytes: int(env, 'MAX_BODY_BYTES', 0),
+    maxHeaderLines: int(env, 'MAX_HEADER_LINES', 1, 10_000),
     trustedProxies,
     catalogBackstopMs: int(env, 'CATALOG_BACKSTOP_MS', 1_000),
     migrateOnStart: bool(env, 'MIGRATE_ON_START', true),

@@ -66,6 +66,7 @@ export function createListener(gateway: Gateway, options: ListenerOptions = {}):
     return gateway.fetch(request, {
       rawTarget: ctx.req.url,
       clientAddress: ctx.req.socket.remoteAddress,
+      headerLines: ctx.req.rawHeaders.length / 2,
     });
   });
   const server = createServer(
@@ -83,6 +84,11 @@ export function createListener(gateway: Gateway, options: ListenerOptions = {}):
     },
     handle,
   );
+  // Every header line reaches req.headers: by default Node keeps the first 1,000 and drops
+  // the rest silently, while its parser still frames the body by a Content-Length or
+  // Transfer-Encoding among the dropped ones (a request the core took for bodyless). The
+  // 16 KiB head limit bounds them; the core refuses more than its maxHeaderLines.
+  server.maxHeadersCount = 0;
   // Expect: 100-continue (RFC 9110 10.1.1): Node would answer 100 before the gateway has
   // looked at the request, so an anonymous client would upload its whole body to a
   // verify_jwt function only to get 401. Handling 'checkContinue' ourselves, the 100 goes
@@ -234,7 +240,8 @@ class RequestBody extends Readable {
  * A 413 always closes: the client's body is, by definition, more than the gateway will read.
  */
 function expectsContinue(req: IncomingMessage): boolean {
-  return /^\s*100-continue\s*$/i.test(req.headers.expect ?? '');
+  // Node's own test for sending a request to 'checkContinue' (any 100-continue token).
+  return /(?:^|\W)100-continue(?:$|\W)/i.test(req.headers.expect ?? '');
 }
 
 function mustClose(req: IncomingMessage, status: number, body: RequestBody | undefined): boolean {

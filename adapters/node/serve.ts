@@ -113,7 +113,7 @@ export async function startGateway(config: NodeConfig, log: Logger): Promise<Run
     const gateway = createGateway(
       {
         keys,
-        limits: { maxBodyBytes: config.maxBodyBytes, requestTimeoutMs: config.requestTimeoutMs },
+        limits: { maxBodyBytes: config.maxBodyBytes, requestTimeoutMs: config.requestTimeoutMs, maxHeaderLines: config.maxHeaderLines },
         trustedProxies: config.trustedProxies,
         metrics: config.metrics,
       },

@@ -107,6 +107,18 @@ describe('Expect: 100-continue', () => {
     client.destroy();
   });
 
+  it.each(['100-continue, x', '100-Continue ', 'foo, 100-continue'])('Expect: %s (a list with 100-continue in it) gets its 100 Continue too, never a stalled request', async (value) => {
+    const client = await RawClient.connect(gw.port);
+    await client.write(requestText('POST', '/functions/v1/open-fn', { expect: value, 'content-length': '3' }));
+    const interim = await client.read({ timeoutMs: 2_000 });
+    expect(interim.status).toBe(100);
+    await client.write('abc');
+    const res = await client.read();
+    expect(res.status).toBe(200);
+    expect(JSON.parse(res.body.toString())).toEqual({ method: 'POST', bytes: 3 });
+    client.destroy();
+  });
+
   it('an anonymous caller of a verify_jwt function gets 401 without a 100 Continue first, so it never uploads its body', async () => {
     const client = await RawClient.connect(gw.port);
     await client.write(requestText('POST', '/functions/v1/locked-fn', { expect: '100-continue', 'content-length': String(512 * 1024) }));

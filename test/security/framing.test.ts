@@ -73,6 +73,37 @@ describe('malformed framing is refused: 4xx, connection closed, nothing reaches 
   }
 });
 
+describe('header lines: every one is seen, and more than MAX_HEADER_LINES (100) are refused', () => {
+  const fillers = (n: number) => Array.from({ length: n }, (_, i) => `a${i}:`);
+
+  it('a preflight whose Content-Length hides past line 1,000 (where Node stops keeping headers) -> 431, the function untouched', async () => {
+    const bytes =
+      head(['OPTIONS /functions/v1/secure HTTP/1.1', 'Host: x', 'Origin: https://evil.example', 'Access-Control-Request-Method: POST', ...fillers(1_000), 'Content-Length: 19']) +
+      '{"delete_all":true}';
+    const result = await host.raw(bytes);
+    expect(result.responses.map((r) => r.status)).toEqual([431]);
+    expect(JSON.parse(result.responses[0]!.body.toString('utf8'))).toMatchObject({ code: 'too_many_headers' });
+    expect(await host.drain()).toEqual([]);
+  });
+
+  it('a Transfer-Encoding past line 1,000 -> 431, the function untouched', async () => {
+    const bytes = head(['POST /functions/v1/open HTTP/1.1', 'Host: x', ...fillers(1_005), 'Transfer-Encoding: gzip, chunked']) + `3${CRLF}abc${CRLF}0${CRLF}${CRLF}`;
+    const result = await host.raw(bytes);
+    expect(result.responses.map((r) => r.status)).toEqual([431]);
+    expect(await host.drain()).toEqual([]);
+  });
+
+  it('101 lines -> 431 too_many_headers; 100 lines are forwarded, identity lines exactly once', async () => {
+    const over = await host.raw(head(['GET /functions/v1/open HTTP/1.1', 'Host: x', 'Connection: close', ...fillers(98), 'X-Pgstack-Role: service_role']));
+    expect(over.responses.map((r) => r.status)).toEqual([431]);
+    expect(await host.drain()).toEqual([]);
+    const at = await host.raw(head(['GET /functions/v1/open HTTP/1.1', 'Host: x', 'Connection: close', ...fillers(96), 'X-Pgstack-Role: service_role']));
+    expect(at.responses.map((r) => r.status)).toEqual([200]);
+    const [received] = await host.drain();
+    expectIdentityLines(received!.headers, 'anon', '');
+  });
+});
+
 describe('well-formed requests whose bodies hold a request: the upstream sees exactly what the client meant', () => {
   it('a Content-Length body holding a request is one request with that body', async () => {
     const bytes = head(['POST /functions/v1/open HTTP/1.1', 'Host: x', `Content-Length: ${SMUGGLED.length}`, 'Connection: close']) + SMUGGLED;

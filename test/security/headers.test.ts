@@ -104,6 +104,24 @@ describe('forwarding headers', () => {
     ['True-Client-IP', '198.51.100.12'],
     ['CF-Connecting-IP', '198.51.100.13'],
   ];
+  // What other proxies use to tell scheme, client, host, URL or user (Rack, IIS, Envoy, CDNs).
+  const alsoForged: [string, string][] = [
+    ['X-Forwarded-Ssl', 'on'],
+    ['X-Forwarded-Scheme', 'https'],
+    ['X-Forwarded-User', 'admin'],
+    ['X-Forwarded-Uri', '/admin'],
+    ['Front-End-Https', 'on'],
+    ['X-Url-Scheme', 'https'],
+    ['X-Scheme', 'https'],
+    ['X-Original-Host', 'evil.example'],
+    ['X-Host', 'evil.example'],
+    ['X-Original-URL', '/admin'],
+    ['X-Rewrite-URL', '/admin'],
+    ['X-Cluster-Client-IP', '198.51.100.14'],
+    ['Client-IP', '198.51.100.15'],
+    ['Fastly-Client-IP', '198.51.100.16'],
+    ['X-Envoy-External-Address', '198.51.100.17'],
+  ];
 
   it("from an untrusted peer: replaced by the gateway's own", async () => {
     const echo = await readEcho(await host.request('/functions/v1/open', { headers: forged }));
@@ -111,6 +129,12 @@ describe('forwarding headers', () => {
     expect(echo.headers['x-forwarded-proto']).toEqual(['http']);
     expect(echo.headers['x-forwarded-host']).toEqual([`127.0.0.1:${host.port}`]);
     for (const name of ['forwarded', 'x-real-ip', 'x_forwarded_for', 'true-client-ip', 'cf-connecting-ip']) expect(echo.headers[name], name).toBeUndefined();
+  });
+
+  it('from an untrusted peer: the other proxies\' scheme, client, host, URL and user headers never reach the function', async () => {
+    const echo = await readEcho(await host.request('/functions/v1/open', { headers: alsoForged }));
+    for (const [name] of alsoForged) expect(echo.headers[name.toLowerCase()], name).toBeUndefined();
+    expect(echo.headers['x-forwarded-proto']).toEqual(['http']);
   });
 
   describe('from a trusted proxy (TRUSTED_PROXIES=127.0.0.1/32)', () => {
