@@ -12,7 +12,8 @@ export interface LimitedBody {
 }
 
 const never = (): boolean => false;
-const NONE: LimitedBody = { body: null, exceeded: never };
+/** No body to forward. */
+export const NO_BODY: LimitedBody = { body: null, exceeded: never };
 
 /** Returns the body to forward, or a 413/400 GatewayError. Never reads the body. */
 export function limitBody(request: Request, limit: number): LimitedBody | GatewayError {
@@ -22,7 +23,7 @@ export function limitBody(request: Request, limit: number): LimitedBody | Gatewa
     if (Number(declared) > limit) return new GatewayError('payload_too_large');
   }
   const body = request.body;
-  if (body === null) return NONE;
+  if (body === null) return NO_BODY;
   // With a valid Content-Length the server already stops at that many bytes.
   if (declared !== null) return { body, exceeded: never };
   let seen = 0;

@@ -7,7 +7,7 @@
  * Every answer the gateway makes itself is a GatewayError rendered by toResponse().
  */
 import { cidrContains, parseCidr, type Cidr } from './addresses.ts';
-import { limitBody } from './body.ts';
+import { limitBody, NO_BODY } from './body.ts';
 import type { CatalogSnapshot, FunctionEntry } from './catalog.ts';
 import { GatewayError, isGatewayError, toResponse } from './errors.ts';
 import { ForwardError, type ForwardFailure, type Forwarder } from './forwarder.ts';
@@ -162,7 +162,6 @@ function isCorsPreflight(request: Request, target: string): boolean {
 /** Proxies a request may have passed before this gateway refuses it as a loop. */
 const MAX_VIA_HOPS = 16;
 
-/** X-Request-Id kept from the client only when it is a plain token. */
 /** A caller's X-Request-Id kept as is: a plain token, no '/' (a function may put it in a file path). */
 const REQUEST_ID = /^[A-Za-z0-9._:+=-]{1,128}$/;
 
@@ -225,9 +224,9 @@ export function createGateway(config: GatewayConfig, deps: GatewayDeps): Gateway
   const isTrusted = (address: string | undefined) => address !== undefined && trusted.some((c) => cidrContains(c, address));
 
   /** Authorize: the function's verify_jwt rule applied to what the credentials proved. */
-  async function authorize(fn: FunctionEntry, request: Request, target: string): Promise<Identity> {
+  async function authorize(fn: FunctionEntry, request: Request, preflight: boolean): Promise<Identity> {
     // CORS preflight carries no credentials (browsers never send them): never required.
-    const open = !fn.verifyJwt || isCorsPreflight(request, target);
+    const open = !fn.verifyJwt || preflight;
     const credentials = await identifier.identify(request.headers);
     switch (credentials.kind) {
       case 'valid':
@@ -273,14 +272,19 @@ export function createGateway(config: GatewayConfig, deps: GatewayDeps): Gateway
 
     // Authorize before anything else about the request: an anon caller learns nothing about
     // a verify_jwt function (not even that it refuses upgrades) beyond its 401.
-    const identity = await authorize(fn, request, parsed.target);
+    const preflight = fn.verifyJwt && isCorsPreflight(request, parsed.target);
+    const identity = await authorize(fn, request, preflight);
     state.role = identity.role;
+    // A preflight let through without credentials has no body to bring: whatever a body
+    // the transport may have framed anyway (a header it used that the Request did not
+    // show), none reaches the function.
+    const bodiless = preflight && identity.role === 'anon';
 
     // An upgrade would hand the socket to the function outside this pipeline; websockets
     // are refused. Other upgrade offers (h2c) are dropped as hop-by-hop headers.
     if (/\bwebsocket\b/i.test(request.headers.get('upgrade') ?? '')) throw new GatewayError('upgrade_not_supported');
 
-    const limited = limitBody(request, fn.maxBodyBytes ?? maxBodyBytes);
+    const limited = bodiless ? NO_BODY : limitBody(request, fn.maxBodyBytes ?? maxBodyBytes);
     if (isGatewayError(limited)) throw limited;
 
     const headers = buildUpstreamHeaders(request.headers, identity, requestId, {
@@ -290,6 +294,7 @@ export function createGateway(config: GatewayConfig, deps: GatewayDeps): Gateway
       trustForwarded: isTrusted(context.clientAddress),
       via: `1.1 ${viaToken}`,
     }, newHeaders());
+    if (bodiless) headers.delete('content-length');
 
     const path = fn.upstream.basePath + parsed.target;
     let response: Response;
