@@ -34,7 +34,7 @@ export const ERROR_CODES = {
   upstream_connect_timeout: { status: 502, message: 'Connecting to the function timed out.' },
   upstream_headers_timeout: { status: 502, message: 'The function did not answer in time.' },
   upstream_deadline: { status: 502, message: 'The function exceeded the request deadline.' },
-  upstream_blocked: { status: 502, message: 'The function resolves to an address the gateway does not call.' },
+  upstream_blocked: { status: 502, message: 'The function resolves to an address (or is called on a port) the gateway does not call.' },
   upstream_reset: { status: 502, message: 'The function closed the connection.' },
   upstream_bad_response: { status: 502, message: 'The function sent a malformed response.' },
   internal_error: { status: 500, message: 'Internal gateway error.' },

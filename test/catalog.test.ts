@@ -224,6 +224,41 @@ describe('live catalog', () => {
     }
   });
 
+  it('sends one query at a time on the LISTEN connection: heartbeats never overlap a load', async () => {
+    // pg queues a query sent while another runs (deprecated; pg 9 removes it). Count, per
+    // catalog connection, the queries in flight whenever one is sent.
+    const original = pg.Client.prototype.query;
+    const inFlight = new WeakMap<object, number>();
+    let sent = 0;
+    let overlapping = 0;
+    pg.Client.prototype.query = function (this: pg.Client, ...args: unknown[]) {
+      const result = (original as (...a: unknown[]) => unknown).apply(this, args);
+      if ((this as unknown as { connectionParameters: { application_name?: string } }).connectionParameters.application_name === 'pgstack-catalog') {
+        const n = (inFlight.get(this) ?? 0) + 1;
+        inFlight.set(this, n);
+        sent++;
+        if (n > 1) overlapping++;
+        // Registered before the caller's await: the count drops before the caller goes on.
+        const done = () => void inFlight.set(this, (inFlight.get(this) ?? 1) - 1);
+        (result as Promise<unknown>).then(done, done);
+      }
+      return result;
+    } as typeof original;
+    try {
+      const source = await startCatalog({ heartbeatMs: 1 });
+      for (let i = 0; i < 60; i++) {
+        await insert(`beat-${i}`);
+        if (i % 10 === 0) await Promise.all([source.reloadNow(), source.reloadNow()]);
+      }
+      await vi.waitFor(() => expect(source.current()?.functions.size).toBe(60), WAIT);
+      expect(sent).toBeGreaterThan(60);
+      expect(overlapping).toBe(0);
+      expect(source.stats().reconnects).toBe(0);
+    } finally {
+      pg.Client.prototype.query = original;
+    }
+  });
+
   it('reloads on the backstop timer even when no notification comes', async () => {
     const source = await startCatalog({ backstopIntervalMs: 100 });
     // Silence the trigger for one change, as a dead listener would miss it.

@@ -163,6 +163,13 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
 
   let backstop: NodeJS.Timeout | undefined;
   let heartbeat: NodeJS.Timeout | undefined;
+  /**
+   * One query at a time on the LISTEN connection (pg queues a second one, deprecated and
+   * gone in pg 9): a heartbeat is skipped while a load runs (the load proves the
+   * connection), and a load waits for a heartbeat in flight.
+   */
+  let loading = false;
+  let beating: Promise<unknown> | undefined;
   /** Wakers of the pending sleeps (reconnect backoff, burst spacing), for stop(). */
   const sleepers = new Set<() => void>();
 
@@ -263,7 +270,10 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
     const c = client;
     if (!c) throw new Error('the catalog database is not connected');
     let next: CatalogSnapshot | undefined;
+    loading = true;
     try {
+      if (beating) await beating;
+      if (c !== client) throw new Error('the catalog database connection was lost');
       const current = snapshot;
       const since = logPosition;
       next = !full && current !== undefined && changeLog === true && since !== undefined ? await loadChanges(c, current, since) : await loadAll(c);
@@ -272,6 +282,8 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
       // goes through the same retry path as a lost connection: reconnect with backoff, LISTEN, load.
       if (c === client) connectionLost(c, err);
       throw err;
+    } finally {
+      loading = false;
     }
     if (stopped || next === undefined) return;
     snapshot = next;
@@ -359,8 +371,12 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
     const c = client;
     if (!c) return;
     // (pg reads a per-query `query_timeout`; its typings do not list it.)
+    if (loading || beating) return;
     const query = { text: 'SELECT 1', query_timeout: heartbeatTimeoutMs } as pg.QueryConfig;
-    c.query(query).catch((err: unknown) => connectionLost(c, new Error(`heartbeat failed: ${message(err)}`)));
+    beating = c
+      .query(query)
+      .catch((err: unknown) => connectionLost(c, new Error(`heartbeat failed: ${message(err)}`)))
+      .finally(() => (beating = undefined));
   }
 
   function connectionLost(c: pg.Client, err: unknown): void {

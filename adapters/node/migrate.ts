@@ -62,6 +62,8 @@ export async function migrate(databaseUrl: string, options: MigrateOptions = {})
   // listener would crash the process instead.
   client.on('error', () => {});
   client.on('notice', (notice) => {
+    // `... IF EXISTS` / `IF NOT EXISTS` on a fresh or current schema: expected, not news.
+    if (notice.message?.endsWith(', skipping')) return;
     options.log?.(notice.severity === 'WARNING' ? 'warn' : 'debug', `migrate: ${notice.message}`);
   });
   await client.connect();

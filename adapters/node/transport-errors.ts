@@ -57,7 +57,7 @@ const DESCRIPTIONS: Record<ForwardFailure, string> = {
   connect_timeout: 'did not accept a connection in time',
   headers_timeout: 'did not send a response head in time',
   deadline: 'exceeded the request deadline',
-  blocked: 'resolves to an address in a blocked range',
+  blocked: 'was refused before connecting',
   reset: 'closed the connection before a complete response head',
   bad_response: 'sent an unparseable response',
 };
