@@ -16,8 +16,10 @@ export function payloadJson(token: string): string {
 
 /**
  * Whether an object in the JSON text names a key twice (compared decoded: "a" and "\u0061"
- * are the same). Parsers disagree on which one wins, so a function re-reading the token
- * could see another role than the gateway did: such a token is refused.
+ * are the same; and ignoring case, Unicode folding included: Go's encoding/json and .NET
+ * match struct fields that way, so "Role" or "ſub" would be read as "role" or "sub").
+ * Parsers disagree on which one wins, so a function re-reading the token could see another
+ * role than the gateway did: such a token is refused.
  */
 export function hasDuplicateKeys(json: string): boolean {
   const open: Array<Set<string>> = [];
@@ -32,11 +34,17 @@ export function hasDuplicateKeys(json: string): boolean {
     onObjectProperty: (key) => {
       const keys = open[open.length - 1];
       if (keys === undefined) return;
-      if (keys.has(key)) duplicate = true;
-      keys.add(key);
+      const folded = foldKey(key);
+      if (keys.has(folded)) duplicate = true;
+      keys.add(folded);
     },
   });
   return duplicate;
+}
+
+/** A key as case-insensitive decoders compare it (upper then lower: 'ſ' -> 'S' -> 's', Kelvin 'K' -> 'k'). */
+function foldKey(key: string): string {
+  return /^[a-z0-9_]*$/.test(key) ? key : key.toUpperCase().toLowerCase();
 }
 
 /**

@@ -125,6 +125,25 @@ describe('buildUpstreamHeaders', () => {
     for (const name of ['x-forwarded-port', 'forwarded', 'x-real-ip', 'true-client-ip', 'cf-connecting-ip']) expect(out.has(name), name).toBe(false);
   });
 
+  it("from an untrusted peer, the platforms' client, scheme and URL families and auth proxies' user headers are dropped; look-alikes pass", () => {
+    const dropped = [
+      'X-Arr-Ssl', 'CloudFront-Forwarded-Proto', 'CloudFront-Viewer-Address', 'Cf-Visitor', 'Cf-Connecting-Ipv6', 'CF-IPCountry',
+      'Cf-Access-Authenticated-User-Email', 'Fly-Client-Ip', 'Fly-Forwarded-Proto', 'X-Appengine-User-Ip', 'X-Azure-ClientIP',
+      'X-Original-Forwarded-For', 'X-Original-Proto', 'X-Original-Method', 'X-Vercel-Forwarded-For', 'X-Nf-Client-Connection-Ip',
+      'Akamai-Origin-Hop', 'True-Client-Port', 'X-Envoy-Original-Path', 'X-Auth-Request-User', 'X-Auth-Request-Email',
+      'X-Goog-Authenticated-User-Email', 'X-Goog-Iap-Jwt-Assertion', 'X-Amzn-Oidc-Identity', 'X-MS-Client-Principal-Name',
+      'Remote-User', 'X-Remote-User', 'X-WebAuth-User', 'X_Auth_Request_User',
+    ];
+    const kept = ['X-Amzn-Trace-Id', 'Cfg-Mode', 'X-Originals', 'Remote-Users', 'X-Goog-Api-Key', 'Flyer'];
+    const out = build([...dropped, ...kept].map((name) => [name, 'spoofed'] as [string, string]));
+    for (const name of dropped) expect(out.has(name), name).toBe(false);
+    for (const name of kept) expect(out.get(name), name).toBe('spoofed');
+    // A trusted proxy's own platform headers are kept as sent.
+    const viaProxy = build([['CF-Connecting-IP', '198.51.100.9'], ['X-Auth-Request-User', 'alice']], USER, VIA_PROXY);
+    expect(viaProxy.get('cf-connecting-ip')).toBe('198.51.100.9');
+    expect(viaProxy.get('x-auth-request-user')).toBe('alice');
+  });
+
   it('without a known client address, X-Forwarded-For is absent rather than the client-supplied one', () => {
     const out = build([['X-Forwarded-For', '198.51.100.9']], USER, { ...DIRECT, clientAddress: undefined });
     expect(out.has('x-forwarded-for')).toBe(false);

@@ -22,8 +22,8 @@ const HOP_BY_HOP: ReadonlySet<string> = new Set([
  * Headers through which proxies tell an application the client's address, the scheme, the
  * original host or URL, or a user: a client could forge any of them (Rack trusts
  * X-Forwarded-Ssl for https, IIS X-Original-URL for routing). Dropped unless they come from
- * a trusted proxy; the gateway sets its own X-Forwarded-For/-Proto/-Host. Every
- * `x-forwarded-*` name is included (see isForwarding).
+ * a trusted proxy; the gateway sets its own X-Forwarded-For/-Proto/-Host. Whole families
+ * (`x-forwarded-*`, `cf-*`, ...) are included too (see FORWARDING_FAMILIES).
  */
 const FORWARDING: ReadonlySet<string> = new Set([
   'forwarded',
@@ -51,8 +51,19 @@ const FORWARDING: ReadonlySet<string> = new Set([
   'x-rewrite-url',
 ]);
 
+/**
+ * Whole families set by a platform or an auth proxy in front of an application, which the
+ * application then believes: the client's address or scheme (Cloudflare `cf-*`,
+ * CloudFront, Fly, App Engine, Azure, ARR, Vercel, Netlify, Akamai, Envoy), the original
+ * request (`x-original-*`), and the user an auth proxy signed in (`x-auth-request-*` of
+ * oauth2-proxy, IAP's `x-goog-authenticated-user-*`, ALB's `x-amzn-oidc-*`, App Service's
+ * `x-ms-client-principal*`, Cloudflare Access's `cf-access-*`, `remote-user`).
+ */
+const FORWARDING_FAMILIES =
+  /^(?:x-forwarded-|x-original-|cf-|cloudfront-|fly-|x-appengine-|x-azure-|x-arr-|x-vercel-|x-nf-|akamai-|x-akamai-|true-client-|x-envoy-|x-auth-request-|x-goog-authenticated-|x-goog-iap-|x-amzn-oidc-|x-ms-client-principal|x-remote-user$|remote-user$|x-webauth-)/;
+
 function isForwarding(canonical: string): boolean {
-  return FORWARDING.has(canonical) || canonical.startsWith('x-forwarded-');
+  return FORWARDING.has(canonical) || FORWARDING_FAMILIES.test(canonical);
 }
 
 /**

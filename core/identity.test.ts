@@ -536,9 +536,20 @@ describe('X-Pgstack-Claims is the payload as signed', () => {
       `{"role":"authenticated","sub":"u","role":"service_role","exp":${exp}}`,
       `{"role":"service_role","sub":"u","r\\u006fle":"authenticated","exp":${exp}}`,
       `{"role":"authenticated","sub":"u","app":{"tier":"free","tier":"pro"},"exp":${exp}}`,
+      // Keys equal ignoring case, as Go's encoding/json and .NET match struct fields:
+      `{"role":"authenticated","sub":"u","Role":"service_role","exp":${exp}}`,
+      `{"role":"authenticated","sub":"u","ROLE":"service_role","exp":${exp}}`,
+      `{"role":"authenticated","sub":"u","\u017fub":"admin","exp":${exp}}`, // long s folds to s
+      `{"role":"authenticated","sub":"u","app":{"\u212aey":1,"key":2},"exp":${exp}}`, // Kelvin sign folds to k
     ]) {
       expectInvalid(await bearer(id(), await signRaw(json)), 'invalid_token');
     }
+  });
+
+  it('keys that only look alike are not duplicates', async () => {
+    const exp = nowSec() + 600;
+    const json = `{"role":"authenticated","sub":"u","roles":["a"],"r\u00f4le":"x","app":{"Key":1},"key":2,"exp":${exp}}`;
+    expectValid(await bearer(id(), await signRaw(json)), 'authenticated', 'u');
   });
 });
 

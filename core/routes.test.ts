@@ -19,6 +19,12 @@ describe('parseFunctionTarget: accepted targets keep the name and the target byt
     ['/functions/v1/fn/a;b=1/c%2Fd%5Ce', 'fn'],
     ['/functions/v1/fn/..x%2f.x;', 'fn'],
     [`/functions/v1/${'n'.repeat(128)}`, 'n'.repeat(128)],
+    // Look-alikes of the lenient forms below that no decoder reads as a dot segment.
+    ['/functions/v1/fn/%e2%80%a6', 'fn'], // horizontal ellipsis: three dots
+    ['/functions/v1/fn/..%20x', 'fn'],
+    ['/functions/v1/fn/%c0%af', 'fn'], // overlong '/': a separator, not a dot
+    ['/functions/v1/fn/%ef%bc%8ex', 'fn'],
+    ['/functions/v1/fn/%u002ex', 'fn'],
   ];
   for (const [target, name] of table) {
     it(`${target.slice(0, 80)} -> ${name.slice(0, 20)}`, () => {
@@ -66,6 +72,25 @@ describe('parseFunctionTarget: dot segments, backslashes and encoded separators 
     '/functions/v1/fn/..%00.png/other',
     '/functions/v1/fn/..%3f/other',
     '/functions/v1/fn/..%23/other',
+    // Lenient decoders: trimmed whitespace, IIS %u, overlong UTF-8, Unicode compatibility forms.
+    '/functions/v1/fn/..%20/other',
+    '/functions/v1/fn/%20..%09/other',
+    '/functions/v1/fn/..%0b/other',
+    '/functions/v1/fn/..%c2%a0/other',
+    '/functions/v1/fn/%u002e%u002e/other',
+    '/functions/v1/fn/%U002E./other',
+    '/functions/v1/fn/..%u002f..%u002fother',
+    '/functions/v1/fn/%c0%ae%c0%ae/other',
+    '/functions/v1/fn/%C0%AE./other',
+    '/functions/v1/fn/%e0%80%ae%e0%80%ae/other',
+    '/functions/v1/fn/%f0%80%80%ae./other',
+    '/functions/v1/fn/..%c0%af..%c0%afother',
+    '/functions/v1/fn/..%c1%9cother',
+    '/functions/v1/fn/%ef%bc%8e%ef%bc%8e/other',
+    '/functions/v1/fn/%e2%80%a5/other',
+    '/functions/v1/fn/..%ef%bc%8fother',
+    '/functions/v1/fn/..%ef%bc%bcother',
+    '/functions/v1/fn/%ef%b9%92./other',
     '/functions/v1/f%6e',
     '/functions/v1/fn%5cother',
     '/functions/v1/fn/a b',

@@ -21,21 +21,42 @@ export interface FunctionTarget {
 }
 
 /**
- * True when the path, as an upstream that percent-decodes once before routing would see
- * it, has a `.` or `..` segment. After decoding, `/` and `\` separate segments (so
- * `open/..%2fsecure` is caught), and a segment ends at `;` (Tomcat and Jetty strip path
- * parameters: `..;x`, `..%3bx`), at NUL (C servers truncate there) and at `?`/`#`. All
- * `runtime='deno'` functions share one upstream that routes by the path, so a target that
- * reads as another function's behind the gateway must never leave it.
+ * True when the path, as a lenient upstream that decodes it once before routing could
+ * read it, has a `.` or `..` segment. Decoding covers `%XX`, IIS's `%uXXXX`, overlong
+ * UTF-8 (`%c0%ae` is `.` to a decoder that does not refuse it) and Unicode compatibility
+ * forms (NFKC: full-width `%ef%bc%8e` is `.`, the two-dot leader `%e2%80%a5` is `..`).
+ * After decoding, `/` and `\` separate segments (so `open/..%2fsecure` is caught), a
+ * segment ends at `;` (Tomcat and Jetty strip path parameters: `..;x`, `..%3bx`), at NUL
+ * (C servers truncate there) and at `?`/`#`, and surrounding whitespace is ignored
+ * (`..%20`, `..%09`: servers that trim). All `runtime='deno'` functions share one upstream
+ * that routes by the path, so a target that reads as another function's behind the gateway
+ * must never leave it.
  */
 function hasDotSegment(rest: string): boolean {
-  // No `.` and no escape: no segment can decode to a dot segment (the common case).
+  // No `.` and no escape: no segment can decode to a dot segment (the common case; the
+  // target is visible ASCII, so any other character arrives as an escape).
   if (!rest.includes('.') && !rest.includes('%')) return false;
-  const decoded = rest.replace(/%([0-9a-fA-F]{2})/g, (_, hex: string) => String.fromCharCode(parseInt(hex, 16)));
-  return decoded.split(/[/\\]/).some((segment) => {
-    const bare = segment.split(/[;\0?#]/, 1)[0];
+  return leniently(rest).split(/[/\\]/).some((segment) => {
+    const bare = (segment.split(/[;\0?#]/, 1)[0] ?? '').trim();
     return bare === '.' || bare === '..';
   });
+}
+
+const utf8 = new TextDecoder();
+
+/** The path as the most lenient decoder we defend against reads it (see hasDotSegment). */
+export function leniently(path: string): string {
+  const units = path.replace(/%[uU]([0-9a-fA-F]{4})/g, (_, hex: string) => String.fromCharCode(parseInt(hex, 16)));
+  // Bytes as Latin-1 characters; characters above 0xff (from %u) kept as they are.
+  const bytes = units.replace(/%([0-9a-fA-F]{2})/g, (_, hex: string) => String.fromCharCode(parseInt(hex, 16)));
+  // Overlong UTF-8 forms of ASCII, decoded as a lax decoder would.
+  const laxed = bytes
+    .replace(/[\xc0\xc1][\x80-\xbf]/g, (c) => String.fromCharCode(((c.charCodeAt(0) & 0x1f) << 6) | (c.charCodeAt(1) & 0x3f)))
+    .replace(/\xe0[\x80-\x81][\x80-\xbf]/g, (c) => String.fromCharCode(((c.charCodeAt(1) & 0x3f) << 6) | (c.charCodeAt(2) & 0x3f)))
+    .replace(/\xf0\x80[\x80\x81][\x80-\xbf]/g, (c) => String.fromCharCode(((c.charCodeAt(2) & 0x3f) << 6) | (c.charCodeAt(3) & 0x3f)));
+  // Runs of bytes decoded as UTF-8 (invalid ones become U+FFFD), then compatibility forms folded.
+  const text = laxed.replace(/[\x80-\xff]+/g, (run) => utf8.decode(Uint8Array.from(run, (c) => c.charCodeAt(0))));
+  return text.normalize('NFKC');
 }
 
 /**

@@ -11,8 +11,9 @@
 const BARE_HOST = /^[a-z0-9_](?:[a-z0-9_-]{0,62})$/;
 
 /**
- * Names that resolve to the gateway's own machine or to cloud metadata on common images
- * (/etc/hosts of Debian and Docker, GCE/AWS metadata aliases). Never siblings.
+ * Names that resolve to the gateway's own machine, its router or platform, or to cloud
+ * metadata on common images (/etc/hosts of Debian and Docker, systemd's synthesised names,
+ * GCE/AWS metadata aliases, Kubernetes). Never siblings.
  */
 const RESERVED_NAMES = new Set([
   'localhost',
@@ -30,6 +31,13 @@ const RESERVED_NAMES = new Set([
   'instance-data',
   'gateway',
   'host-gateway',
+  // systemd's nss-myhostname / nss-resolve: the default router, the host's own LAN address, the stub resolver.
+  '_gateway',
+  '_outbound',
+  '_localdnsstub',
+  '_localdnsproxy',
+  // The API server, from a pod in the default namespace (search domain default.svc.cluster.local).
+  'kubernetes',
 ]);
 
 export interface UpstreamTarget {

@@ -161,6 +161,26 @@ describe('live catalog', () => {
     await vi.waitFor(() => expect(source.current()?.functions.has('after')).toBe(true), WAIT);
   });
 
+  it('terminated again and again, the listener comes back at the first backoff step each time (the catalog is stale meanwhile)', async () => {
+    const source = await startCatalog({ reconnectMinMs: 100, reconnectMaxMs: 5_000 });
+    const downFor: number[] = [];
+    for (let i = 0; i < 6; i++) {
+      await vi.waitFor(() => expect(source.listening()).toBe(true), WAIT);
+      const { rows } = await db.sql(
+        `SELECT pg_terminate_backend(pid) AS ok FROM pg_stat_activity WHERE application_name = 'pgstack-catalog' AND datname = current_database() AND state = 'idle'`,
+      );
+      if (rows.length === 0) continue; // caught mid-query: try again
+      const killed = performance.now();
+      await insert(`kill-${i}`);
+      await whenSnapshot(source, (s) => s.functions.has(`kill-${i}`));
+      downFor.push(performance.now() - killed);
+    }
+    expect(downFor.length).toBeGreaterThanOrEqual(4);
+    // Each time: one first step (50..100 ms) plus connect, LISTEN and a full load; widening
+    // the backoff, the sixth would wait 1.6..3.2 s.
+    expect(Math.max(...downFor), downFor.map((d) => d.toFixed(0)).join(', ')).toBeLessThan(800);
+  });
+
   it('a heartbeat keeps the listener up under an idle timeout that would drop it', async () => {
     const { rows } = await db.sql('SELECT current_database() AS name');
     await db.sql(`ALTER DATABASE ${rows[0].name} SET idle_session_timeout = '700ms'`);

@@ -68,6 +68,19 @@ describe('pgstack CLI', () => {
     expect(list.stdout).toMatch(/sneaky\s+http\s+yes\s+http:\/\/169\.254\.169\.254\s+default\s+default\s+DROPPED: /);
   });
 
+  it('functions list shows control and bidi characters of a row escaped, never raw to the terminal', async () => {
+    await db.sql("INSERT INTO pgstack.edge_functions (name, runtime, upstream_url) VALUES ('esc', 'http', E'http://x\\x1b[2J\\x1b]0;PWNED\\x07/\\u202e\\u009b')");
+    try {
+      const list = await pgstack(['functions', 'list']);
+      expect(list.code).toBe(0);
+      const line = list.stdout.split('\n').find((l) => l.startsWith('esc '));
+      expect(line).toContain('http://x\\u{1b}[2J\\u{1b}]0;PWNED\\u{7}/\\u{202e}\\u{9b}');
+      expect(list.stdout).not.toMatch(/[\x00-\x09\x0b-\x1f\x7f-\x9f\u202e]/);
+    } finally {
+      await db.sql("DELETE FROM pgstack.edge_functions WHERE name = 'esc'");
+    }
+  });
+
   it('functions add --no-verify-jwt makes the function open; running add again updates it', async () => {
     const add = await pgstack(['functions', 'add', 'hello-python', '--url', `http://hello-python:${fn.port}`, '--no-verify-jwt']);
     expect(add.code).toBe(0);

@@ -46,8 +46,13 @@ interface LogPosition {
 }
 
 /** The log cannot be read: it (or the schema) is missing, or this role may not read it. */
+/** The SQLSTATE (or Node error code) of an error, if it has one. */
+function errorCode(err: unknown): unknown {
+  return typeof err === 'object' && err !== null ? (err as { code?: unknown }).code : undefined;
+}
+
 function unreadableLog(err: unknown): boolean {
-  const code = (err as { code?: unknown }).code;
+  const code = errorCode(err);
   return code === '42P01' || code === '42501' || code === '42883'; // undefined_table, insufficient_privilege, undefined_function (a server before 13)
 }
 
@@ -105,7 +110,7 @@ const LOAD_STATEMENT_TIMEOUT_MS = 10_000;
 const LOAD_CLIENT_TIMEOUT_MS = 15_000;
 const CONNECT_TIMEOUT_MS = 5_000;
 const END_TIMEOUT_MS = 2_000;
-/** A connection that lived this long resets the reconnect backoff; shorter ones keep widening it. */
+/** A connection that lived this long resets the reconnect backoff; shorter ones keep widening it (unless terminated by an administrator). */
 const STABLE_CONNECTION_MS = 5_000;
 /** Pacing of reloads during a burst of notifications (see the head of this file). */
 const PACING_MIN_MS = 10;
@@ -388,7 +393,11 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
     // before the gateway's own handler runs, and a gateway shutting down has lost nothing.
     if (established === c) unreportedLoss = lastError;
     void endClient(c);
-    if (performance.now() - connectedAt >= STABLE_CONNECTION_MS) retryStreak = 0;
+    // A connection that lived, or a working one an administrator terminated (57P01:
+    // pg_terminate_backend; a server shutting down says the same, but then the reconnects
+    // fail and widen the backoff themselves): come back at the first step, because the
+    // catalog is stale until then.
+    if (performance.now() - connectedAt >= STABLE_CONNECTION_MS || (established === c && errorCode(err) === '57P01')) retryStreak = 0;
     ensureConnecting(true);
   }
 

@@ -210,7 +210,7 @@ async function functions(config: NodeConfig, args: string[]): Promise<void> {
       const orDefault = (value: unknown) => (value === null || value === undefined ? 'default' : String(value));
       return [String(row.name), String(row.runtime), row.verify_jwt ? 'yes' : 'no', String(row.upstream_url ?? '-'), orDefault(row.timeout_ms), orDefault(row.max_body_bytes), status];
     });
-    const table = [['NAME', 'RUNTIME', 'VERIFY_JWT', 'UPSTREAM', 'TIMEOUT_MS', 'MAX_BODY_BYTES', 'STATUS'], ...lines];
+    const table = [['NAME', 'RUNTIME', 'VERIFY_JWT', 'UPSTREAM', 'TIMEOUT_MS', 'MAX_BODY_BYTES', 'STATUS'], ...lines.map((l) => l.map(printable))];
     const widths = table[0]!.map((_, i) => Math.max(...table.map((r) => r[i]!.length)));
     for (const r of table) process.stdout.write(`${r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]!))).join('  ')}\n`);
     return;
@@ -319,4 +319,13 @@ function parseArgsMessage(err: unknown): string | undefined {
   }
   if (code === 'ERR_PARSE_ARGS_UNEXPECTED_POSITIONAL') return 'unexpected argument';
   return message;
+}
+
+/**
+ * A catalog value as it may reach an operator's terminal: a row can hold anything, so
+ * control characters (escape sequences that would drive the terminal), DEL, C1, and the
+ * invisible and bidirectional formatting characters are shown as \u{XX}.
+ */
+function printable(text: string): string {
+  return text.replace(/[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]/g, (c) => `\\u{${c.charCodeAt(0).toString(16)}}`);
 }

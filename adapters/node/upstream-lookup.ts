@@ -3,10 +3,11 @@
  * connection resolves the name again (no cache: a replaced container is found at its new
  * address); an operator-mapped name (UPSTREAM_HOSTS) is dialled as mapped, on its pinned
  * port when it has one; anything else is refused when any of its addresses is in a blocked
- * range (see blocked-addresses.ts).
+ * range (see blocked-addresses.ts) or is one of the gateway's own interface addresses.
  */
 import dns from 'node:dns';
 import net from 'node:net';
+import os from 'node:os';
 import { buildConnector } from 'undici';
 import { isBlockedAddress } from './blocked-addresses.ts';
 import type { MappedHost } from './upstream-hosts.ts';
@@ -24,13 +25,53 @@ export class BlockedAddressError extends Error {
   }
 }
 
+/** What the lookup uses from the system, replaceable in tests. */
+export interface LookupSeams {
+  /** dns.lookup with `all: true`. */
+  readonly resolve?: (hostname: string, options: dns.LookupAllOptions, callback: (err: NodeJS.ErrnoException | null, addresses: dns.LookupAddress[]) => void) => void;
+  /** The gateway's own addresses, normalised (see normalAddress). */
+  readonly ownAddresses?: () => ReadonlySet<string>;
+}
+
+/** Lowercase, without an IPv6 zone, IPv4-mapped IPv6 as its IPv4. */
+export function normalAddress(address: string): string {
+  let a = address.toLowerCase();
+  const zone = a.indexOf('%');
+  if (zone !== -1) a = a.slice(0, zone);
+  if (!a.startsWith('::ffff:')) return a;
+  const rest = a.slice(7);
+  if (net.isIPv4(rest)) return rest;
+  const hex = /^([0-9a-f]{1,4}):([0-9a-f]{1,4})$/.exec(rest); // ::ffff:a00:1
+  if (hex === null) return a;
+  const high = parseInt(hex[1]!, 16);
+  const low = parseInt(hex[2]!, 16);
+  return `${high >> 8}.${high & 255}.${low >> 8}.${low & 255}`;
+}
+
+const OWN_ADDRESSES_TTL_MS = 5_000;
+let ownAddresses: { set: ReadonlySet<string>; at: number } | undefined;
+
+/** The addresses of this machine's interfaces (os.networkInterfaces), re-read at most every 5 s. */
+export function interfaceAddresses(): ReadonlySet<string> {
+  const now = performance.now();
+  if (ownAddresses === undefined || now - ownAddresses.at > OWN_ADDRESSES_TTL_MS) {
+    const set = new Set<string>();
+    for (const list of Object.values(os.networkInterfaces())) for (const info of list ?? []) set.add(normalAddress(info.address));
+    ownAddresses = { set, at: now };
+  }
+  return ownAddresses.set;
+}
+
 /**
  * A `net.connect` lookup: mapped names answer their mapped address (no range check), other
  * names go through dns.lookup (no cache: a replaced container is found at its new address)
- * and are refused when ANY address is in a blocked range. Refusing the whole name rather
+ * and are refused when ANY address is in a blocked range or is one of the gateway's own
+ * interface addresses. Refusing the whole name rather
  * than filtering keeps a name that mixes a sibling address with 127.0.0.1 (rebinding) out.
  */
-export function createUpstreamLookup(upstreamHosts: ReadonlyMap<string, MappedHost>): net.LookupFunction {
+export function createUpstreamLookup(upstreamHosts: ReadonlyMap<string, MappedHost>, seams: LookupSeams = {}): net.LookupFunction {
+  const resolve = seams.resolve ?? dns.lookup;
+  const own = seams.ownAddresses ?? interfaceAddresses;
   return (hostname, options, callback) => {
     const mapped = upstreamHosts.get(hostname.toLowerCase())?.address;
     if (mapped !== undefined) {
@@ -42,7 +83,7 @@ export function createUpstreamLookup(upstreamHosts: ReadonlyMap<string, MappedHo
     const lookupOptions: dns.LookupAllOptions = { all: true };
     if (options.family !== undefined) lookupOptions.family = options.family;
     if (options.hints !== undefined) lookupOptions.hints = options.hints;
-    dns.lookup(hostname, lookupOptions, (err, addresses) => {
+    resolve(hostname, lookupOptions, (err, addresses) => {
       if (err) {
         callback(err, '');
         return;
@@ -50,6 +91,14 @@ export function createUpstreamLookup(upstreamHosts: ReadonlyMap<string, MappedHo
       const refused = addresses.find((a) => isBlockedAddress(a.address));
       if (refused !== undefined) {
         callback(new BlockedAddressError(hostname, refused.address), '');
+        return;
+      }
+      // The gateway's own machine (a container's hostname resolves to its eth0 address,
+      // systemd's _outbound to the host's): not a sibling, whatever port it listens on.
+      const ownAddresses = own();
+      const itself = addresses.find((a) => ownAddresses.has(normalAddress(a.address)));
+      if (itself !== undefined) {
+        callback(new BlockedAddressError(hostname, itself.address, "address is one of the gateway's own (its machine, not a sibling)"), '');
         return;
       }
       if (options.all) {
