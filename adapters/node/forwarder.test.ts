@@ -9,7 +9,7 @@ import net from 'node:net';
 import { Readable } from 'node:stream';
 import { ReadableStream as PonyfillReadableStream } from '@whatwg-node/fetch';
 import { errors as undiciErrors } from 'undici';
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterEach, describe, expect, it, vi } from 'vitest';
 import type { FunctionEntry } from '../../core/catalog.ts';
 import { GatewayError } from '../../core/errors.ts';
 import { ForwardError, type ForwardFailure, type ForwardRequest } from '../../core/forwarder.ts';
@@ -686,6 +686,70 @@ describe('undici forwarder: client abort and deadline', () => {
     const { forward } = forwarder({ headersTimeoutMs: 5_000 });
     const started = Date.now();
     const err = await failure(forward(call(entry(port), { deadlineMs: 200 })));
+    expect(err.kind).toBe('deadline');
+    expect(Date.now() - started).toBeLessThan(2_000);
+  });
+
+  it('a request queued for a free connection (connectionsPerOrigin) keeps its deadline and its client', async () => {
+    // One connection per origin, held by a call the upstream never answers.
+    const received: string[] = [];
+    const { port, sockets } = await rawServer((socket) => {
+      const index = received.push('') - 1;
+      socket.on('data', (chunk: Buffer) => (received[index] += chunk.toString('latin1')));
+    });
+    const { forward } = forwarder({ connectionsPerOrigin: 1 });
+    const holder = forward(call(entry(port), { deadlineMs: 20_000 }));
+    holder.catch(() => undefined);
+    await vi.waitFor(() => expect(sockets.length).toBe(1), { timeout: 2_000, interval: 5 });
+
+    let started = Date.now();
+    const err = await failure(forward(call(entry(port), { deadlineMs: 300 })));
+    expect(err.kind).toBe('deadline');
+    expect(Date.now() - started).toBeLessThan(1_500);
+
+    const client = new AbortController();
+    const reason = new Error('the client left');
+    started = Date.now();
+    const pending = forward(call(entry(port), { signal: client.signal }));
+    setTimeout(() => client.abort(reason), 200);
+    await expect(within(pending, 1_500, 'the abort')).rejects.toBe(reason);
+    expect(Date.now() - started).toBeLessThan(1_500);
+    // Neither is sent when the connection is freed (undici may connect for them, then
+    // aborts them before writing): the upstream only ever saw the holder's request.
+    sockets[0]!.destroy();
+    await sleep(200);
+    expect(received.join('').match(/^GET /gm)).toHaveLength(1);
+  });
+
+  it('a deadline shorter than a connect that never completes is the deadline', async (ctx) => {
+    const child: ChildProcess = spawn(
+      process.execPath,
+      ['-e', "const s=require('net').createServer().listen({port:0,host:'127.0.0.1',backlog:1},()=>console.log(s.address().port))"],
+      { stdio: ['ignore', 'pipe', 'ignore'] },
+    );
+    cleanups.push(() => {
+      child.kill('SIGKILL');
+    });
+    const [data] = (await within(once(child.stdout!, 'data'), 5_000, 'the child to listen')) as [Buffer];
+    const port = Number(String(data).trim());
+    child.kill('SIGSTOP');
+    const fillers: net.Socket[] = [];
+    cleanups.push(() => fillers.forEach((s) => s.destroy()));
+    let hanging = false;
+    for (let i = 0; i < 8 && !hanging; i++) {
+      const socket = net.connect({ port, host: '127.0.0.1' });
+      socket.on('error', () => {});
+      fillers.push(socket);
+      hanging = await new Promise<boolean>((resolve) => {
+        const timer = setTimeout(() => resolve(true), 300);
+        socket.once('connect', () => (clearTimeout(timer), resolve(false)));
+        socket.once('error', () => (clearTimeout(timer), resolve(false)));
+      });
+    }
+    if (!hanging) ctx.skip(); // this kernel answers SYNs past the backlog (see the connect_timeout test)
+    const { forward } = forwarder({ connectTimeoutMs: 5_000 });
+    const started = Date.now();
+    const err = await failure(forward(call(entry(port), { deadlineMs: 300 })));
     expect(err.kind).toBe('deadline');
     expect(Date.now() - started).toBeLessThan(2_000);
   });

@@ -82,6 +82,11 @@ function hasNullBody(method: string, status: number): boolean {
 
 const noop = (): void => {};
 
+/** An answer nobody waits for any more: its body destroyed (undici's body errors on destroy: never unhandled). */
+const discard = (data: Dispatcher.ResponseData): void => {
+  data.body.on('error', noop).destroy();
+};
+
 /** setTimeout's ceiling (2^31 - 1 ms, about 24.8 days); longer deadlines are clamped. */
 const MAX_TIMER_MS = 2_147_483_647;
 
@@ -158,6 +163,36 @@ class Exchange extends EventEmitter {
   /** The client left: abort with its reason, unchanged. */
   handleEvent(): void {
     this.abort(this.client.reason);
+  }
+
+  /**
+   * `pending`, or the abort if it comes first. undici applies an abort only once the request
+   * is on a socket: one queued for a free connection (UPSTREAM_MAX_CONNECTIONS) or still
+   * connecting would wait that out, past its deadline or its client. undici still aborts
+   * it when it gets a socket (it kept the reason); an answer that arrives anyway is dropped.
+   */
+  settle(pending: Promise<Dispatcher.ResponseData>): Promise<Dispatcher.ResponseData> {
+    if (this.aborted) {
+      pending.then(discard, noop);
+      return Promise.reject(this.reason);
+    }
+    return new Promise((resolve, reject) => {
+      const onAbort = (): void => {
+        pending.then(discard, noop);
+        reject(this.reason);
+      };
+      this.once('abort', onAbort);
+      pending.then(
+        (data) => {
+          this.off('abort', onAbort);
+          resolve(data);
+        },
+        (err: unknown) => {
+          this.off('abort', onAbort);
+          reject(err);
+        },
+      );
+    });
   }
 
   /** The exchange is over (failed, or its response body closed): release everything once. */
@@ -237,7 +272,7 @@ export function createUndiciForwarder(options: UndiciForwarderOptions): NodeForw
     let data: Dispatcher.ResponseData;
     try {
       try {
-        data = await requestProbed(agent, requestOptions, probe);
+        data = await exchange.settle(requestProbed(agent, requestOptions, probe));
       } catch (err) {
         // The client left (signal.reason, unchanged) or the deadline passed (ForwardError).
         if (exchange.aborted) throw exchange.reason;
@@ -253,7 +288,7 @@ export function createUndiciForwarder(options: UndiciForwarderOptions): NodeForw
           code: errorCode(err),
         });
         try {
-          data = await freshAgent.request(requestOptions);
+          data = await exchange.settle(freshAgent.request(requestOptions));
         } catch (retryErr) {
           if (exchange.aborted) throw exchange.reason;
           throw toForwardError(req, retryErr);
@@ -265,7 +300,7 @@ export function createUndiciForwarder(options: UndiciForwarderOptions): NodeForw
     }
     const unrelayable = unrelayableAnswer(data);
     if (unrelayable !== undefined) {
-      data.body.on('error', noop).destroy(); // (undici's body errors on destroy: never unhandled)
+      discard(data);
       exchange.finish();
       throw new ForwardError('bad_response', `upstream ${req.fn.name} (${req.fn.upstream.origin}) ${unrelayable}`);
     }

@@ -4,7 +4,7 @@
  */
 import { errors as undiciErrors } from 'undici';
 import { ForwardError, type ForwardFailure, type ForwardRequest } from '../../core/forwarder.ts';
-import { BlockedAddressError } from './upstream-lookup.ts';
+import { BlockedAddressError, UPSTREAM_RESET_CODE } from './upstream-lookup.ts';
 
 const UNREACHABLE = new Set([
   'ECONNREFUSED',
@@ -18,7 +18,7 @@ const UNREACHABLE = new Set([
   'ENETDOWN',
   'EADDRNOTAVAIL',
 ]);
-const RESET = new Set(['ECONNRESET', 'EPIPE', 'ECONNABORTED', 'UND_ERR_SOCKET']);
+const RESET = new Set(['ECONNRESET', UPSTREAM_RESET_CODE, 'EPIPE', 'ECONNABORTED', 'UND_ERR_SOCKET']);
 // ERR_ASSERTION: undici asserts on a status it cannot take (`HTTP/1.1 000`, `099`).
 const BAD_RESPONSE = new Set(['UND_ERR_INFO', 'UND_ERR_HEADERS_OVERFLOW', 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH', 'ERR_ASSERTION']);
 

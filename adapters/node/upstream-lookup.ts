@@ -140,6 +140,26 @@ export function createUpstreamConnector(upstreamHosts: ReadonlyMap<string, Mappe
         return;
       }
     }
-    baseConnect(connectOptions, callback);
+    baseConnect(connectOptions, (err, socket) => {
+      if (socket) socket.prependListener('error', markReset);
+      callback(err, socket as never);
+    });
   };
+}
+
+/**
+ * The code a connection reset carries once it reached undici (see markReset); classified as
+ * a reset like ECONNRESET itself.
+ */
+export const UPSTREAM_RESET_CODE = 'EPGSTACK_RESET';
+
+/**
+ * A reset seen first, before undici's own listener: undici takes ECONNRESET on an answer
+ * whose body runs until the connection closes (no Content-Length, not chunked) as the end
+ * of that body (for macOS, which resets after a complete one), so a function reset
+ * mid-body would reach the client as a clean, short answer. Under another code it is what
+ * it is: the body failed (as Go's ReverseProxy treats it).
+ */
+function markReset(err: NodeJS.ErrnoException): void {
+  if (err.code === 'ECONNRESET') err.code = UPSTREAM_RESET_CODE;
 }

@@ -48,7 +48,7 @@ function cutsFor(name: string): unknown[] {
 
 beforeAll(async () => {
   db = await createTestDatabase();
-  const names = ['refused', 'silent', 'stall-chunked', 'stall-length', 'reset-body', 'idle-close', 'idle-drop', 'reason', 'broken-chunk'];
+  const names = ['refused', 'silent', 'stall-chunked', 'stall-length', 'reset-chunked', 'reset-length', 'reset-until-close', 'close-delimited', 'idle-close', 'idle-drop', 'reason', 'broken-chunk'];
   gw = await startTestGateway(db.url, {
     UPSTREAM_HOSTS: names.map((n) => `${n}=127.0.0.1`).join(','),
     UPSTREAM_HEADERS_TIMEOUT_MS: String(HEADERS_TIMEOUT_MS),
@@ -153,25 +153,51 @@ describe('upstream faults', () => {
     });
   }
 
-  it('resets mid-body: the client sees an error reading the body, never a clean end', async () => {
-    const reset = await startTcpUpstream((socket) => {
-      socket.once('data', () => {
-        socket.write('HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n4\r\npart\r\n', () => {
-          setTimeout(() => socket.resetAndDestroy(), 50);
+  const resetFramings = {
+    chunked: 'Transfer-Encoding: chunked\r\n\r\n4\r\npart\r\n',
+    length: 'Content-Length: 100\r\n\r\npart',
+    // No length: the body runs until the connection closes, so only a FIN ends it cleanly.
+    'until close': 'Connection: close\r\n\r\npart',
+  };
+  for (const [framing, rest] of Object.entries(resetFramings)) {
+    it(`resets mid-body (${framing}): the client sees an error reading the body, never a clean end`, async () => {
+      const name = `reset-${framing.replace(' ', '-')}`;
+      const reset = await startTcpUpstream((socket) => {
+        socket.once('data', () => {
+          socket.write(`HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n${rest}`, () => {
+            setTimeout(() => socket.resetAndDestroy(), 50);
+          });
         });
       });
+      upstreams.push(reset);
+      await register(name, reset.port);
+      const client = await RawClient.connect(gw.port);
+      await client.write(requestText('GET', `/functions/v1/${name}`));
+      const res = await client.read({ timeoutMs: 5_000 });
+      expect(res.status).toBe(200);
+      expect(res.body.toString()).toBe('part');
+      expect(res.complete).toBe(false);
+      await expect(gw.call(`/functions/v1/${name}`).then((r) => r.text())).rejects.toThrow();
+      expect(cutsFor(name)).toContain('upstream');
+      expect(await (await gw.call('/metrics')).text()).toMatch(/^pgstack_responses_cut_total\{cause="upstream"\} [1-9]/m);
     });
-    upstreams.push(reset);
-    await register('reset-body', reset.port);
+  }
+
+  it('closes cleanly after a body without a length (FIN, not a reset): relayed whole, ended cleanly', async () => {
+    const closing = await startTcpUpstream((socket) => {
+      socket.once('data', () => {
+        socket.end('HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nwhole body');
+      });
+    });
+    upstreams.push(closing);
+    await register('close-delimited', closing.port);
     const client = await RawClient.connect(gw.port);
-    await client.write(requestText('GET', '/functions/v1/reset-body'));
+    await client.write(requestText('GET', '/functions/v1/close-delimited'));
     const res = await client.read({ timeoutMs: 5_000 });
     expect(res.status).toBe(200);
-    expect(res.body.toString()).toBe('part');
-    expect(res.complete).toBe(false);
-    await expect(gw.call('/functions/v1/reset-body').then((r) => r.text())).rejects.toThrow();
-    expect(cutsFor('reset-body')).toContain('upstream');
-    expect(await (await gw.call('/metrics')).text()).toMatch(/^pgstack_responses_cut_total\{cause="upstream"\} [1-9]/m);
+    expect(res.body.toString()).toBe('whole body');
+    expect(res.complete).toBe(true);
+    expect(await (await gw.call('/functions/v1/close-delimited')).text()).toBe('whole body');
   });
 
   it('an upstream that closes idle keep-alive connections: every next request still succeeds', async () => {
