@@ -181,6 +181,30 @@ describe('live catalog', () => {
     expect(Math.max(...downFor), downFor.map((d) => d.toFixed(0)).join(', ')).toBeLessThan(800);
   });
 
+  it('not listening (so not ready) while a reconnect cannot reload: its full load waits on a lock', async () => {
+    const source = await startCatalog({ reconnectMinMs: 50, reconnectMaxMs: 100 });
+    await insert('locked-before');
+    await vi.waitFor(() => expect(source.current()?.functions.has('locked-before')).toBe(true), WAIT);
+    const locker = new pg.Client({ connectionString: db.url });
+    await locker.connect();
+    try {
+      await locker.query("INSERT INTO pgstack.edge_functions (name, runtime, verify_jwt, upstream_url) VALUES ('locked-new', 'http', true, 'http://locked-new:8000')");
+      await locker.query('BEGIN');
+      await locker.query('LOCK pgstack.edge_functions IN ACCESS EXCLUSIVE MODE');
+      await db.sql(`SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'pgstack-catalog' AND datname = current_database()`);
+      await vi.waitFor(() => expect(source.listening()).toBe(false), WAIT);
+      // LISTEN is back at once; the reload waits on the lock: still not listening, stale rows.
+      await new Promise((r) => setTimeout(r, 600));
+      expect(source.listening()).toBe(false);
+      expect(source.current()?.functions.has('locked-new')).toBe(false);
+      await locker.query('COMMIT');
+      await vi.waitFor(() => expect(source.listening()).toBe(true), WAIT);
+      expect(source.current()?.functions.has('locked-new')).toBe(true);
+    } finally {
+      await locker.end();
+    }
+  });
+
   it('a heartbeat keeps the listener up under an idle timeout that would drop it', async () => {
     const { rows } = await db.sql('SELECT current_database() AS name');
     await db.sql(`ALTER DATABASE ${rows[0].name} SET idle_session_timeout = '700ms'`);

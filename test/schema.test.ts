@@ -2,6 +2,7 @@
  * sql/schema.sql against a real PostgreSQL: idempotence (also over the seed's original
  * table), the CHECKs, updated_at, and the NOTIFY of the pgstack_fn_changed triggers.
  */
+import net from 'node:net';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { CATALOG_CHANNEL, migrate } from '../adapters/node/migrate.ts';
@@ -79,6 +80,45 @@ describe('schema.sql', () => {
     await db.sql('DROP TRIGGER pgstack_fn_touch ON pgstack.edge_functions');
     await migrate(db.url);
     expect((await shape(db)).triggers).toContain('pgstack_fn_touch');
+  });
+
+  it('a connection that goes silent after login fails the migration within its query timeout (no hang)', async () => {
+    // A TCP relay to the database that forwards the login, then drops whatever the client
+    // sends (a partition or a stuck pooler): the first query's answer never comes.
+    const target = new URL(db.url);
+    let loggedIn = false;
+    const sockets = new Set<net.Socket>();
+    const relay = net.createServer((inbound) => {
+      const outbound = net.connect(Number(target.port), target.hostname);
+      sockets.add(inbound).add(outbound);
+      inbound.on('data', (chunk) => {
+        if (!loggedIn) outbound.write(chunk);
+      });
+      outbound.on('data', (chunk) => {
+        inbound.write(chunk);
+        if (chunk.includes(Buffer.from('Z\x00\x00\x00\x05I'))) loggedIn = true; // ReadyForQuery, idle
+      });
+      for (const socket of [inbound, outbound]) {
+        socket.on('error', () => {});
+        socket.on('close', () => (inbound.destroy(), outbound.destroy()));
+      }
+    });
+    await new Promise<void>((resolve) => relay.listen(0, '127.0.0.1', () => resolve()));
+    try {
+      const url = new URL(db.url);
+      url.port = String((relay.address() as net.AddressInfo).port);
+      const started = Date.now();
+      const failure = await migrate(url.toString(), { queryTimeoutMs: 500 }).then(
+        () => undefined,
+        (err: unknown) => err,
+      );
+      expect(loggedIn).toBe(true);
+      expect(String(failure)).toMatch(/timeout/i);
+      expect(Date.now() - started).toBeLessThan(4_000);
+    } finally {
+      for (const socket of sockets) socket.destroy();
+      relay.close();
+    }
   });
 
   it('survives concurrent migrations (advisory lock)', async () => {

@@ -87,7 +87,7 @@ export interface PostgresCatalogOptions {
 export interface CatalogSource {
   /** The last good snapshot; undefined before the first load. */
   current(): CatalogSnapshot | undefined;
-  /** The LISTEN connection is up. */
+  /** The LISTEN connection is up and its first load succeeded (the snapshot is current as of it). */
   listening(): boolean;
   /** Connects in the background, retrying forever with backoff. Never throws; idempotent. */
   start(): void;
@@ -140,6 +140,8 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
   let everConnected = false;
   /** When the current connection's LISTEN succeeded. */
   let connectedAt = 0;
+  /** The connection the last successful load ran on (listening() needs it to be the current one). */
+  let loadedOn: pg.Client | undefined;
   /** The current connection once its first load succeeded: losing it is news, losing a half-made one is a retry. */
   let established: pg.Client | undefined;
   /** A lost connection not yet logged (see connectionLost). */
@@ -290,6 +292,7 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
     } finally {
       loading = false;
     }
+    loadedOn = c;
     if (stopped || next === undefined) return;
     snapshot = next;
     reloads++;
@@ -318,6 +321,9 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
     try {
       let failure: unknown;
       while (dirty && !stopped) {
+        // The load failed and took the connection with it: the reconnect reloads everything;
+        // keep the failure that says why (not a "not connected" of one more try).
+        if (failure !== undefined && client === undefined) break;
         const wait = lastReloadStart + pacing - performance.now();
         if (wait > 0) {
           await sleep(wait);
@@ -476,7 +482,9 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
 
   return {
     current: () => snapshot,
-    listening: () => client !== undefined,
+    // Up once LISTEN is on and the first load of that connection succeeded: a reconnect
+    // whose full reload is blocked (a lock, a timeout) is not ready, it may serve stale rows.
+    listening: () => client !== undefined && loadedOn === client,
     start() {
       if (started || stopped) return;
       started = true;

@@ -71,6 +71,14 @@ function int(env: Env, name: keyof typeof DEFAULTS, min: number, max = Number.MA
   return n;
 }
 
+/** setTimeout's ceiling: a longer delay fires after 1 ms (TimeoutOverflowWarning). */
+const MAX_TIMER_MS = 2_147_483_647;
+
+/** A duration in milliseconds: a whole number within what a timer can wait (about 24.8 days). */
+function ms(env: Env, name: keyof typeof DEFAULTS, min: number): number {
+  return int(env, name, min, MAX_TIMER_MS);
+}
+
 function bool(env: Env, name: string, fallback: boolean): boolean {
   const raw = env[name]?.trim().toLowerCase();
   if (raw === undefined || raw === '') return fallback;
@@ -162,17 +170,17 @@ export function loadConfig(env: Env = process.env): NodeConfig {
     jwtAudience: optional(env, 'JWT_AUDIENCE'),
     edgeRuntimeUrl,
     upstreamHosts,
-    connectTimeoutMs: int(env, 'UPSTREAM_CONNECT_TIMEOUT_MS', 1),
-    headersTimeoutMs: int(env, 'UPSTREAM_HEADERS_TIMEOUT_MS', 1),
-    upstreamKeepAliveMs: int(env, 'UPSTREAM_KEEPALIVE_MS', 1),
+    connectTimeoutMs: ms(env, 'UPSTREAM_CONNECT_TIMEOUT_MS', 1),
+    headersTimeoutMs: ms(env, 'UPSTREAM_HEADERS_TIMEOUT_MS', 1),
+    upstreamKeepAliveMs: ms(env, 'UPSTREAM_KEEPALIVE_MS', 1),
     upstreamMaxConnections: int(env, 'UPSTREAM_MAX_CONNECTIONS', 0),
-    requestTimeoutMs: int(env, 'REQUEST_TIMEOUT_MS', 1),
+    requestTimeoutMs: ms(env, 'REQUEST_TIMEOUT_MS', 1),
     maxBodyBytes: int(env, 'MAX_BODY_BYTES', 0),
     maxHeaderLines: int(env, 'MAX_HEADER_LINES', 1, 10_000),
     trustedProxies,
-    catalogBackstopMs: int(env, 'CATALOG_BACKSTOP_MS', 1_000),
+    catalogBackstopMs: ms(env, 'CATALOG_BACKSTOP_MS', 1_000),
     migrateOnStart: bool(env, 'MIGRATE_ON_START', true),
-    shutdownGraceMs: int(env, 'SHUTDOWN_GRACE_MS', 0),
+    shutdownGraceMs: ms(env, 'SHUTDOWN_GRACE_MS', 0),
     logLevel: logLevel as NodeConfig['logLevel'],
     metrics: bool(env, 'METRICS', true),
     stateDir: optional(env, 'PGSTACK_DIR') ?? DEFAULTS.PGSTACK_DIR,

@@ -16,7 +16,8 @@ export interface FunctionInput {
 }
 
 async function withClient<T>(databaseUrl: string, fn: (client: pg.Client) => Promise<T>): Promise<T> {
-  const client = new pg.Client({ connectionString: databaseUrl, connectionTimeoutMillis: 5_000, application_name: 'pgstack-cli' });
+  // Bounded waits: a silent connection fails the command instead of hanging it.
+  const client = new pg.Client({ connectionString: databaseUrl, connectionTimeoutMillis: 5_000, query_timeout: 15_000, keepAlive: true, application_name: 'pgstack-cli' });
   client.on('error', () => {}); // a dropped connection surfaces as the query's rejection
   await client.connect();
   try {

@@ -22,7 +22,16 @@ export interface MigrateOptions {
   force?: boolean;
   /** How long a statement waits for a lock before the migration gives up (and is retried by the caller). Default 5,000. */
   lockTimeoutMs?: number;
+  /**
+   * How long the client waits for any one answer of the server, default 30,000: a
+   * connection that went silent (a partition, a stuck pooler) fails the attempt instead of
+   * hanging it until the kernel gives up on TCP (~15 min).
+   */
+  queryTimeoutMs?: number;
 }
+
+/** A deadlock (40P01) with catalog writers or readers aborts one side: the migration tries again, this often. */
+const DEADLOCK_ATTEMPTS = 3;
 
 /** The schema's comment names the version of schema.sql applied last. */
 const markerOf = (schema: string) => `pgstack schema sha256:${createHash('sha256').update(schema).digest('hex').slice(0, 32)}`;
@@ -51,12 +60,26 @@ export class MigrationLockTimeout extends Error {
  */
 export async function migrate(databaseUrl: string, options: MigrateOptions = {}): Promise<void> {
   const schema = await readFile(SCHEMA_FILE, 'utf8');
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await migrateOnce(databaseUrl, schema, options);
+    } catch (err) {
+      if ((err as { code?: unknown }).code !== '40P01' || attempt >= DEADLOCK_ATTEMPTS) throw err;
+      options.log?.('warn', 'migrate: deadlock with a concurrent catalog session; trying again', { attempt });
+      await new Promise((resolve) => setTimeout(resolve, 100 * attempt));
+    }
+  }
+}
+
+async function migrateOnce(databaseUrl: string, schema: string, options: MigrateOptions): Promise<void> {
   const marker = markerOf(schema);
   const lockTimeoutMs = options.lockTimeoutMs ?? 5_000;
   const client = new pg.Client({
     connectionString: databaseUrl,
     application_name: 'pgstack-migrate',
     connectionTimeoutMillis: 5_000,
+    keepAlive: true,
+    query_timeout: options.queryTimeoutMs ?? 30_000,
   });
   // Errors reach the caller through the awaited calls below; an 'error' event without a
   // listener would crash the process instead.
