@@ -121,6 +121,34 @@ describe('schema.sql', () => {
     }
   });
 
+  it('a deadlock with a catalog session aborts the migration once; it tries again and applies', async () => {
+    // A holds the change log, then wants the catalog table the migration already locked,
+    // while the migration waits for the change log: a cycle PostgreSQL breaks by aborting
+    // the migration (it has waited longest: its deadlock check runs first).
+    const a = new pg.Client({ connectionString: db.url });
+    await a.connect();
+    const lines: Array<{ level: string; message: string }> = [];
+    try {
+      await a.query('BEGIN');
+      await a.query('SELECT count(*) FROM pgstack.catalog_changes');
+      const migrating = migrate(db.url, { force: true, log: (level, message) => lines.push({ level, message }) });
+      await vi.waitFor(async () => {
+        const { rows } = await db.sql("SELECT 1 FROM pg_stat_activity WHERE application_name = 'pgstack-migrate' AND wait_event_type = 'Lock'");
+        expect(rows.length).toBe(1);
+      }, { timeout: 5_000, interval: 20 });
+      const aWaits = a.query('SELECT count(*) FROM pgstack.edge_functions');
+      await aWaits; // granted once the migration's first attempt is aborted
+      await a.query('COMMIT');
+      await migrating;
+      expect(lines.some((l) => l.level === 'warn' && l.message.includes('deadlock'))).toBe(true);
+      const { rows } = await db.sql("SELECT obj_description('pgstack'::regnamespace) AS marker");
+      expect(rows[0].marker).toMatch(/^pgstack schema sha256:/);
+    } finally {
+      await a.query('ROLLBACK').catch(() => undefined);
+      await a.end();
+    }
+  });
+
   it('survives concurrent migrations (advisory lock)', async () => {
     await Promise.all([migrate(db.url), migrate(db.url), migrate(db.url), migrate(db.url)]);
     expect((await shape(db)).triggers).toHaveLength(7);
