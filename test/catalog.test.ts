@@ -188,9 +188,10 @@ describe('live catalog', () => {
     const locker = new pg.Client({ connectionString: db.url });
     await locker.connect();
     try {
-      await locker.query("INSERT INTO pgstack.edge_functions (name, runtime, verify_jwt, upstream_url) VALUES ('locked-new', 'http', true, 'http://locked-new:8000')");
       await locker.query('BEGIN');
       await locker.query('LOCK pgstack.edge_functions IN ACCESS EXCLUSIVE MODE');
+      // Committed with the lock's release: its notification comes after the reconnect.
+      await locker.query("INSERT INTO pgstack.edge_functions (name, runtime, verify_jwt, upstream_url) VALUES ('locked-new', 'http', true, 'http://locked-new:8000')");
       await db.sql(`SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'pgstack-catalog' AND datname = current_database()`);
       await vi.waitFor(() => expect(source.listening()).toBe(false), WAIT);
       // LISTEN is back at once; the reload waits on the lock: still not listening, stale rows.
