@@ -165,6 +165,39 @@ async function closedPort(): Promise<number> {
   return port;
 }
 
+/**
+ * A port where a connect hangs: a stopped process's listening socket whose backlog is full
+ * (the kernel then drops new SYNs), on loopback with no network needed. Undefined when
+ * this kernel answers SYNs past the backlog.
+ */
+async function hangingConnectPort(): Promise<number | undefined> {
+  const child: ChildProcess = spawn(
+    process.execPath,
+    ['-e', "const s=require('net').createServer().listen({port:0,host:'127.0.0.1',backlog:1},()=>console.log(s.address().port))"],
+    { stdio: ['ignore', 'pipe', 'ignore'] },
+  );
+  cleanups.push(() => {
+    child.kill('SIGKILL');
+  });
+  const [data] = (await within(once(child.stdout!, 'data'), 5_000, 'the child to listen')) as [Buffer];
+  const port = Number(String(data).trim());
+  child.kill('SIGSTOP');
+  const fillers: net.Socket[] = [];
+  cleanups.push(() => fillers.forEach((s) => s.destroy()));
+  for (let i = 0; i < 8; i++) {
+    const socket = net.connect({ port, host: '127.0.0.1' });
+    socket.on('error', () => {});
+    fillers.push(socket);
+    const hangs = await new Promise<boolean>((resolve) => {
+      const timer = setTimeout(() => resolve(true), 300);
+      socket.once('connect', () => (clearTimeout(timer), resolve(false)));
+      socket.once('error', () => (clearTimeout(timer), resolve(false)));
+    });
+    if (hangs) return port;
+  }
+  return undefined;
+}
+
 // ---------------------------------------------------------------------------------------
 
 describe('undici forwarder: what reaches the function', () => {
@@ -378,43 +411,11 @@ describe('undici forwarder: failures', () => {
   });
 
   it('maps a connect that never completes to connect_timeout (listener with a full accept queue)', async (ctx) => {
-    // A stopped process's listening socket: once its backlog is full the kernel drops new
-    // SYNs, so a connect hangs on loopback with no network needed.
-    const child: ChildProcess = spawn(
-      process.execPath,
-      ['-e', "const s=require('net').createServer().listen({port:0,host:'127.0.0.1',backlog:1},()=>console.log(s.address().port))"],
-      { stdio: ['ignore', 'pipe', 'ignore'] },
-    );
-    cleanups.push(() => {
-      child.kill('SIGKILL');
-    });
-    const [data] = (await within(once(child.stdout!, 'data'), 5_000, 'the child to listen')) as [Buffer];
-    const port = Number(String(data).trim());
-    child.kill('SIGSTOP');
-    const fillers: net.Socket[] = [];
-    cleanups.push(() => fillers.forEach((s) => s.destroy()));
-    let hanging = false;
-    for (let i = 0; i < 8 && !hanging; i++) {
-      const socket = net.connect({ port, host: '127.0.0.1' });
-      socket.on('error', () => {});
-      fillers.push(socket);
-      const outcome = await new Promise<string>((resolve) => {
-        const timer = setTimeout(() => resolve('hang'), 300);
-        socket.once('connect', () => {
-          clearTimeout(timer);
-          resolve('connect');
-        });
-        socket.once('error', () => {
-          clearTimeout(timer);
-          resolve('error');
-        });
-      });
-      hanging = outcome === 'hang';
-    }
-    if (!hanging) ctx.skip(); // this kernel answers SYNs past the backlog; the mapping test below still runs
+    const port = await hangingConnectPort();
+    if (port === undefined) ctx.skip(); // this kernel answers SYNs past the backlog; the mapping test below still runs
     const { forward } = forwarder({ connectTimeoutMs: 300 });
     const started = Date.now();
-    const err = await failure(forward(call(entry(port))));
+    const err = await failure(forward(call(entry(port!))));
     expect(err.kind).toBe('connect_timeout');
     expect(Date.now() - started).toBeLessThan(3_000);
   });
@@ -722,34 +723,11 @@ describe('undici forwarder: client abort and deadline', () => {
   });
 
   it('a deadline shorter than a connect that never completes is the deadline', async (ctx) => {
-    const child: ChildProcess = spawn(
-      process.execPath,
-      ['-e', "const s=require('net').createServer().listen({port:0,host:'127.0.0.1',backlog:1},()=>console.log(s.address().port))"],
-      { stdio: ['ignore', 'pipe', 'ignore'] },
-    );
-    cleanups.push(() => {
-      child.kill('SIGKILL');
-    });
-    const [data] = (await within(once(child.stdout!, 'data'), 5_000, 'the child to listen')) as [Buffer];
-    const port = Number(String(data).trim());
-    child.kill('SIGSTOP');
-    const fillers: net.Socket[] = [];
-    cleanups.push(() => fillers.forEach((s) => s.destroy()));
-    let hanging = false;
-    for (let i = 0; i < 8 && !hanging; i++) {
-      const socket = net.connect({ port, host: '127.0.0.1' });
-      socket.on('error', () => {});
-      fillers.push(socket);
-      hanging = await new Promise<boolean>((resolve) => {
-        const timer = setTimeout(() => resolve(true), 300);
-        socket.once('connect', () => (clearTimeout(timer), resolve(false)));
-        socket.once('error', () => (clearTimeout(timer), resolve(false)));
-      });
-    }
-    if (!hanging) ctx.skip(); // this kernel answers SYNs past the backlog (see the connect_timeout test)
+    const port = await hangingConnectPort();
+    if (port === undefined) ctx.skip(); // this kernel answers SYNs past the backlog (see the connect_timeout test)
     const { forward } = forwarder({ connectTimeoutMs: 5_000 });
     const started = Date.now();
-    const err = await failure(forward(call(entry(port), { deadlineMs: 300 })));
+    const err = await failure(forward(call(entry(port!), { deadlineMs: 300 })));
     expect(err.kind).toBe('deadline');
     expect(Date.now() - started).toBeLessThan(2_000);
   });
