@@ -15,11 +15,10 @@ export function payloadJson(token: string): string {
 }
 
 /**
- * Whether an object in the JSON text names a key twice (compared decoded: "a" and "\u0061"
- * are the same; and ignoring case, Unicode folding included: Go's encoding/json and .NET
- * match struct fields that way, so "Role" or "ſub" would be read as "role" or "sub").
- * Parsers disagree on which one wins, so a function re-reading the token could see another
- * role than the gateway did: such a token is refused.
+ * Whether an object in the JSON text names a key twice, compared as the decoders a function
+ * may use would (see foldKey): "a" and "\u0061", "Role" and "role", "\u0130ss" and "iss",
+ * "role\u0000" and "role". Parsers disagree on which copy wins, so a function re-reading
+ * the token could see another role than the gateway did: such a token is refused.
  */
 export function hasDuplicateKeys(json: string): boolean {
   const open: Array<Set<string>> = [];
@@ -42,10 +41,31 @@ export function hasDuplicateKeys(json: string): boolean {
   return duplicate;
 }
 
-/** A key as case-insensitive decoders compare it (upper then lower: 'ſ' -> 'S' -> 's', Kelvin 'K' -> 'k'). */
+/**
+ * A decoded key as the most lenient common decoder matches it:
+ * - C parsers keeping keys NUL-terminated (cJSON) read it up to the first NUL;
+ * - Go decodes a lone surrogate escape as U+FFFD;
+ * - Go's encoding/json matches struct fields per code point by ToUpper(ToLower(r)) with
+ *   simple (one-to-one) case mappings, .NET ignores case: "\u017fub" is "sub", "\u0130ss"
+ *   is "iss", Kelvin "\u212aey" is "key". JavaScript's mappings are the full ones; a code
+ *   point whose full mapping is several (U+0130 lowercases to "i" + U+0307, "\u00df"
+ *   uppercases to "SS") takes the first of them for lowercase (the simple mapping) and
+ *   stays as it is for uppercase (it has no simple one). Keys that fold alike are the same.
+ */
 function foldKey(key: string): string {
-  return /^[a-z0-9_]*$/.test(key) ? key : key.toUpperCase().toLowerCase();
+  const nul = key.indexOf('\0');
+  const bare = nul === -1 ? key : key.slice(0, nul);
+  if (/^[a-z0-9_]*$/.test(bare)) return bare.toUpperCase();
+  let folded = '';
+  for (const char of bare.replace(LONE_SURROGATE, '\ufffd')) {
+    const lower = String.fromCodePoint(char.toLowerCase().codePointAt(0)!);
+    const upper = lower.toUpperCase();
+    folded += [...upper].length === 1 ? upper : lower;
+  }
+  return folded;
 }
+
+const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/g;
 
 /**
  * JSON text as pure printable ASCII, decoding to exactly the same value: raw tab, CR and LF

@@ -162,8 +162,11 @@ function isCorsPreflight(request: Request, target: string): boolean {
 /** Proxies a request may have passed before this gateway refuses it as a loop. */
 const MAX_VIA_HOPS = 16;
 
-/** A caller's X-Request-Id kept as is: a plain token, no '/' (a function may put it in a file path). */
-const REQUEST_ID = /^[A-Za-z0-9._:+=-]{1,128}$/;
+/**
+ * A caller's X-Request-Id kept as is: a plain token starting with a letter or digit, no '/'
+ * (a function may put it in a file path or a command line: no `..`, no `-option`).
+ */
+const REQUEST_ID = /^[A-Za-z0-9][A-Za-z0-9._:+=-]{0,127}$/;
 
 function targetOf(request: Request): string {
   const url = new URL(request.url);

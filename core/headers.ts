@@ -52,15 +52,37 @@ const FORWARDING: ReadonlySet<string> = new Set([
 ]);
 
 /**
- * Whole families set by a platform or an auth proxy in front of an application, which the
- * application then believes: the client's address or scheme (Cloudflare `cf-*`,
- * CloudFront, Fly, App Engine, Azure, ARR, Vercel, Netlify, Akamai, Envoy), the original
- * request (`x-original-*`), and the user an auth proxy signed in (`x-auth-request-*` of
- * oauth2-proxy, IAP's `x-goog-authenticated-user-*`, ALB's `x-amzn-oidc-*`, App Service's
- * `x-ms-client-principal*`, Cloudflare Access's `cf-access-*`, `remote-user`).
+ * Whole families set by a platform, a gateway or an auth proxy in front of an application,
+ * which the application then believes (no list is complete: a function should trust only
+ * X-Pgstack-*):
+ * - the client's address or scheme: Cloudflare `cf-*`, CloudFront, Fly, Fastly, App
+ *   Engine, Azure (`x-azure-*`, ARR, `disguised-host`, `x-waws-unencoded-url`), Vercel,
+ *   Netlify, Akamai, Envoy, WebLogic (`wl-proxy-*`), and the original request
+ *   (`x-original-*`);
+ * - the signed-in user or client certificate: oauth2-proxy (`x-auth-request-*`), Keycloak
+ *   gatekeeper (`x-auth-username`, ...), Authelia and others (`remote-*`), the Kubernetes
+ *   front proxy (`x-remote-*`), Kong (`x-consumer-*`, `x-credential-*`,
+ *   `x-authenticated-*`, `x-anonymous-consumer`), Google IAP, Cloud Endpoints and API
+ *   Gateway (verified JWT payloads), AWS ALB OIDC and mTLS, App Service (`x-ms-client-principal*`,
+ *   `x-ms-token-*`), Cloudflare Access (`cf-access-*`), Pomerium, authentik, Tailscale,
+ *   Vouch, SiteMinder (`sm-*`), WebSEAL (`iv-*`), `x-webauth-*`, JWT forwarders (`x-jwt-*`), generic user
+ *   headers (`x-user`, `x-user-*`, `x-userid`), and TLS client facts (`ssl-client-*`,
+ *   `x-ssl-*`, `x-client-cert*`, `x-client-verify`, `x-client-dn`, RFC 9440 `client-cert*`).
  */
-const FORWARDING_FAMILIES =
-  /^(?:x-forwarded-|x-original-|cf-|cloudfront-|fly-|x-appengine-|x-azure-|x-arr-|x-vercel-|x-nf-|akamai-|x-akamai-|true-client-|x-envoy-|x-auth-request-|x-goog-authenticated-|x-goog-iap-|x-amzn-oidc-|x-ms-client-principal|x-remote-user$|remote-user$|x-webauth-)/;
+const FORWARDING_FAMILIES = new RegExp(
+  '^(?:' +
+    [
+      'x-forwarded-', 'x-original-', 'cf-', 'cloudfront-', 'fly-', 'fastly-', 'x-appengine-', 'x-azure-', 'x-arr-',
+      'disguised-host$', 'x-waws-', 'x-vercel-', 'x-nf-', 'akamai-', 'x-akamai-', 'true-client-', 'x-envoy-', 'wl-proxy-',
+      'x-auth-request-', 'x-auth-(?:username|userid|user|subject|email|roles|groups|audience|expiresin|preferred-username)$',
+      'remote-', 'x-remote-', 'x-consumer-', 'x-credential-', 'x-authenticated-', 'x-anonymous-consumer$',
+      'x-goog-authenticated-', 'x-goog-iap-', 'x-endpoint-api-', 'x-apigateway-api-', 'x-amzn-oidc-', 'x-amzn-mtls-',
+      'x-ms-client-principal', 'x-ms-token-', 'x-pomerium-', 'x-authentik-', 'tailscale-', 'x-vouch-', 'sm-', 'iv-',
+      'x-webauth-', 'x-jwt-', 'x-user$', 'x-user-', 'x-userid$', 'ssl-client-', 'x-ssl-', 'x-client-cert', 'x-client-verify$',
+      'x-client-dn$', 'client-cert',
+    ].join('|') +
+    ')',
+);
 
 function isForwarding(canonical: string): boolean {
   return FORWARDING.has(canonical) || FORWARDING_FAMILIES.test(canonical);

@@ -541,6 +541,12 @@ describe('X-Pgstack-Claims is the payload as signed', () => {
       `{"role":"authenticated","sub":"u","ROLE":"service_role","exp":${exp}}`,
       `{"role":"authenticated","sub":"u","\u017fub":"admin","exp":${exp}}`, // long s folds to s
       `{"role":"authenticated","sub":"u","app":{"\u212aey":1,"key":2},"exp":${exp}}`, // Kelvin sign folds to k
+      `{"role":"authenticated","sub":"u","iss":"pgstack","\u0130ss":"evil","exp":${exp}}`, // dotted capital I: Go's simple lowercase is i
+      `{"role":"authenticated","sub":"u","\u0131ss":"evil","iss":"x","exp":${exp}}`, // dotless i uppercases to I
+      `{"role":"authenticated","sub":"u","stra\u00dfe":1,"STRA\u1e9eE":2,"exp":${exp}}`, // capital sharp s lowercases to sharp s
+      `{"role":"authenticated","sub":"u","\u03c3x":1,"\u03c2x":2,"exp":${exp}}`, // final and non-final sigma
+      `{"role\\u0000":"service_role","role":"authenticated","sub":"u","exp":${exp}}`, // a C parser reads keys up to NUL (JSON escape)
+      `{"role":"authenticated","sub":"u","x\\ud800":1,"x\\ufffd":2,"exp":${exp}}`, // Go reads a lone surrogate escape as U+FFFD
     ]) {
       expectInvalid(await bearer(id(), await signRaw(json)), 'invalid_token');
     }
@@ -548,7 +554,7 @@ describe('X-Pgstack-Claims is the payload as signed', () => {
 
   it('keys that only look alike are not duplicates', async () => {
     const exp = nowSec() + 600;
-    const json = `{"role":"authenticated","sub":"u","roles":["a"],"r\u00f4le":"x","app":{"Key":1},"key":2,"exp":${exp}}`;
+    const json = `{"role":"authenticated","sub":"u","roles":["a"],"r\u00f4le":"x","app":{"Key":1},"key":2,"stra\u00dfe":1,"strasse":2,"first_name":1,"firstName":2,"i\u0307ss":3,"x\\ud800":1,"exp":${exp}}`;
     expectValid(await bearer(id(), await signRaw(json)), 'authenticated', 'u');
   });
 });

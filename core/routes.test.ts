@@ -25,6 +25,8 @@ describe('parseFunctionTarget: accepted targets keep the name and the target byt
     ['/functions/v1/fn/%c0%af', 'fn'], // overlong '/': a separator, not a dot
     ['/functions/v1/fn/%ef%bc%8ex', 'fn'],
     ['/functions/v1/fn/%u002ex', 'fn'],
+    ['/functions/v1/fn/..%01x', 'fn'],
+    ['/functions/v1/fn/%e3%80%82%e3%80%82', 'fn'], // ideographic full stops: no decoder reads them as dots
   ];
   for (const [target, name] of table) {
     it(`${target.slice(0, 80)} -> ${name.slice(0, 20)}`, () => {
@@ -91,6 +93,20 @@ describe('parseFunctionTarget: dot segments, backslashes and encoded separators 
     '/functions/v1/fn/..%ef%bc%8fother',
     '/functions/v1/fn/..%ef%bc%bcother',
     '/functions/v1/fn/%ef%b9%92./other',
+    // What Java, Python and Go trim, and bytes read as Latin-1:
+    '/functions/v1/fn/..%01/other',
+    '/functions/v1/fn/..%1c/other',
+    '/functions/v1/fn/..%1f/other',
+    '/functions/v1/fn/..%7f/other',
+    '/functions/v1/fn/..%c2%85/other',
+    '/functions/v1/fn/..%85/other',
+    '/functions/v1/fn/..%a0/other',
+    '/functions/v1/fn/%e3%80%80../other',
+    '/functions/v1/fn/..%e2%80%8b/other',
+    // Overlong UTF-8 of 5 and 6 bytes:
+    '/functions/v1/fn/%f8%80%80%80%ae./other',
+    '/functions/v1/fn/%fc%80%80%80%80%ae%fc%80%80%80%80%ae/other',
+    '/functions/v1/fn/..%f8%80%80%80%af..%fc%80%80%80%81%9cother',
     '/functions/v1/f%6e',
     '/functions/v1/fn%5cother',
     '/functions/v1/fn/a b',

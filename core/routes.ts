@@ -23,40 +23,45 @@ export interface FunctionTarget {
 /**
  * True when the path, as a lenient upstream that decodes it once before routing could
  * read it, has a `.` or `..` segment. Decoding covers `%XX`, IIS's `%uXXXX`, overlong
- * UTF-8 (`%c0%ae` is `.` to a decoder that does not refuse it) and Unicode compatibility
- * forms (NFKC: full-width `%ef%bc%8e` is `.`, the two-dot leader `%e2%80%a5` is `..`).
- * After decoding, `/` and `\` separate segments (so `open/..%2fsecure` is caught), a
- * segment ends at `;` (Tomcat and Jetty strip path parameters: `..;x`, `..%3bx`), at NUL
- * (C servers truncate there) and at `?`/`#`, and surrounding whitespace is ignored
- * (`..%20`, `..%09`: servers that trim). All `runtime='deno'` functions share one upstream
- * that routes by the path, so a target that reads as another function's behind the gateway
- * must never leave it.
+ * UTF-8 of any length (`%c0%ae` is `.` to a decoder that does not refuse it), bytes read
+ * as UTF-8 or as Latin-1, and Unicode compatibility forms (NFKC: full-width `%ef%bc%8e` is
+ * `.`, the two-dot leader `%e2%80%a5` is `..`). After decoding, `/` and `\` separate
+ * segments (so `open/..%2fsecure` is caught), a segment ends at `;` (Tomcat and Jetty strip
+ * path parameters: `..;x`, `..%3bx`), at NUL (C servers truncate there) and at `?`/`#`, and
+ * whatever some server trims around it is ignored (controls, spaces, NEL, NBSP: `..%20`,
+ * `..%01`, `..%c2%85`). All `runtime='deno'` functions share one upstream that routes by
+ * the path, so a target that reads as another function's behind the gateway must never
+ * leave it.
  */
 function hasDotSegment(rest: string): boolean {
   // No `.` and no escape: no segment can decode to a dot segment (the common case; the
   // target is visible ASCII, so any other character arrives as an escape).
   if (!rest.includes('.') && !rest.includes('%')) return false;
-  return leniently(rest).split(/[/\\]/).some((segment) => {
-    const bare = (segment.split(/[;\0?#]/, 1)[0] ?? '').trim();
-    return bare === '.' || bare === '..';
-  });
+  return lenientReadings(rest).some((reading) =>
+    reading.split(/[/\\]/).some((segment) => {
+      const bare = (segment.split(/[;\0?#]/, 1)[0] ?? '').replace(TRIMMED, '');
+      return bare === '.' || bare === '..';
+    }),
+  );
 }
+
+/** What servers trim around a segment: Java's trim() (every code unit up to U+0020), DEL, C1 controls, NBSP, Unicode spaces and BOM. */
+const TRIMMED = /^[\x00-\x20\x7f-\xa0\s\u200b-\u200f\u2060\ufeff]+|[\x00-\x20\x7f-\xa0\s\u200b-\u200f\u2060\ufeff]+$/g;
+
+/** Overlong UTF-8 of an ASCII character, 2 to 6 bytes long (only the last two carry its bits). */
+const OVERLONG_ASCII = /(?:[\xc0\xc1]|\xe0[\x80\x81]|\xf0\x80[\x80\x81]|\xf8\x80\x80[\x80\x81]|\xfc\x80\x80\x80[\x80\x81])[\x80-\xbf]/g;
 
 const utf8 = new TextDecoder();
 
-/** The path as the most lenient decoder we defend against reads it (see hasDotSegment). */
-export function leniently(path: string): string {
+/** The path as the lenient decoders we defend against read it (see hasDotSegment): its bytes as Latin-1, and as UTF-8 folded by NFKC. */
+export function lenientReadings(path: string): [latin1: string, unicode: string] {
   const units = path.replace(/%[uU]([0-9a-fA-F]{4})/g, (_, hex: string) => String.fromCharCode(parseInt(hex, 16)));
   // Bytes as Latin-1 characters; characters above 0xff (from %u) kept as they are.
   const bytes = units.replace(/%([0-9a-fA-F]{2})/g, (_, hex: string) => String.fromCharCode(parseInt(hex, 16)));
-  // Overlong UTF-8 forms of ASCII, decoded as a lax decoder would.
-  const laxed = bytes
-    .replace(/[\xc0\xc1][\x80-\xbf]/g, (c) => String.fromCharCode(((c.charCodeAt(0) & 0x1f) << 6) | (c.charCodeAt(1) & 0x3f)))
-    .replace(/\xe0[\x80-\x81][\x80-\xbf]/g, (c) => String.fromCharCode(((c.charCodeAt(1) & 0x3f) << 6) | (c.charCodeAt(2) & 0x3f)))
-    .replace(/\xf0\x80[\x80\x81][\x80-\xbf]/g, (c) => String.fromCharCode(((c.charCodeAt(2) & 0x3f) << 6) | (c.charCodeAt(3) & 0x3f)));
+  const laxed = bytes.replace(OVERLONG_ASCII, (c) => String.fromCharCode(((c.charCodeAt(c.length - 2) & 0x3f) << 6) | (c.charCodeAt(c.length - 1) & 0x3f)));
   // Runs of bytes decoded as UTF-8 (invalid ones become U+FFFD), then compatibility forms folded.
   const text = laxed.replace(/[\x80-\xff]+/g, (run) => utf8.decode(Uint8Array.from(run, (c) => c.charCodeAt(0))));
-  return text.normalize('NFKC');
+  return [laxed, text.normalize('NFKC')];
 }
 
 /**

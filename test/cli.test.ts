@@ -69,13 +69,15 @@ describe('pgstack CLI', () => {
   });
 
   it('functions list shows control and bidi characters of a row escaped, never raw to the terminal', async () => {
-    await db.sql("INSERT INTO pgstack.edge_functions (name, runtime, upstream_url) VALUES ('esc', 'http', E'http://x\\x1b[2J\\x1b]0;PWNED\\x07/\\u202e\\u009b')");
+    await db.sql(
+      "INSERT INTO pgstack.edge_functions (name, runtime, upstream_url) VALUES ('esc', 'http', E'http://x\\x1b[2J\\x1b]0;PWNED\\x07/\\u202e\\u009b\\u061c\\u00ad\\U000E0041\\u180e\\u3164\\ufe0f\\u034f\\u2028')",
+    );
     try {
       const list = await pgstack(['functions', 'list']);
       expect(list.code).toBe(0);
       const line = list.stdout.split('\n').find((l) => l.startsWith('esc '));
-      expect(line).toContain('http://x\\u{1b}[2J\\u{1b}]0;PWNED\\u{7}/\\u{202e}\\u{9b}');
-      expect(list.stdout).not.toMatch(/[\x00-\x09\x0b-\x1f\x7f-\x9f\u202e]/);
+      expect(line).toContain('http://x\\u{1b}[2J\\u{1b}]0;PWNED\\u{7}/\\u{202e}\\u{9b}\\u{61c}\\u{ad}\\u{e0041}\\u{180e}\\u{3164}\\u{fe0f}\\u{34f}\\u{2028}');
+      expect(list.stdout).not.toMatch(/[\x00-\x09\x0b-\x1f\x7f-\x9f\u202e\u061c\u00ad\u180e\u3164\ufe0f\u034f\u2028]|\u{e0041}/u);
     } finally {
       await db.sql("DELETE FROM pgstack.edge_functions WHERE name = 'esc'");
     }

@@ -15,13 +15,14 @@ V4.addSubnet('169.254.0.0', 16, 'ipv4'); // link-local, cloud metadata 169.254.1
 V4.addSubnet('224.0.0.0', 4, 'ipv4'); // multicast
 V4.addAddress('255.255.255.255', 'ipv4'); // limited broadcast
 V4.addAddress('100.100.100.200', 'ipv4'); // Alibaba Cloud metadata (outside 169.254/16)
+V4.addAddress('168.63.129.16', 'ipv4'); // Azure WireServer (VM agent, extension settings, health)
 
 const V6 = new net.BlockList();
 V6.addAddress('::', 'ipv6'); // unspecified
 V6.addAddress('::1', 'ipv6'); // loopback
 V6.addSubnet('fe80::', 10, 'ipv6'); // link-local
 V6.addSubnet('ff00::', 8, 'ipv6'); // multicast
-V6.addAddress('fd00:ec2::254', 'ipv6'); // AWS instance metadata over IPv6 (Nitro)
+V6.addSubnet('fd00:ec2::', 64, 'ipv6'); // AWS link services over IPv6: metadata ::254, EKS Pod Identity credentials ::23, DNS ::253, time ::123
 V6.addAddress('fd20:ce::254', 'ipv6'); // Google Cloud metadata over IPv6
 // Translation prefixes whose IPv4 part cannot be read off one fixed place: refused whole
 // (no function lives behind them on a container network).

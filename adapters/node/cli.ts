@@ -323,9 +323,10 @@ function parseArgsMessage(err: unknown): string | undefined {
 
 /**
  * A catalog value as it may reach an operator's terminal: a row can hold anything, so
- * control characters (escape sequences that would drive the terminal), DEL, C1, and the
- * invisible and bidirectional formatting characters are shown as \u{XX}.
+ * controls (escape sequences that would drive the terminal), format characters (bidi
+ * overrides and marks, zero-width ones), default-ignorable, private-use, unassigned and
+ * line/paragraph separator code points are shown as \u{XX}.
  */
 function printable(text: string): string {
-  return text.replace(/[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]/g, (c) => `\\u{${c.charCodeAt(0).toString(16)}}`);
+  return text.replace(/[\p{Cc}\p{Cf}\p{Co}\p{Cn}\p{Zl}\p{Zp}\p{Default_Ignorable_Code_Point}]/gu, (c) => `\\u{${c.codePointAt(0)!.toString(16)}}`);
 }

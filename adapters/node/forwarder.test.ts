@@ -830,6 +830,9 @@ describe('isBlockedAddress (classified only, never contacted)', () => {
     'not-an-ip',
     '100.100.100.200',
     'fd00:ec2::254',
+    'fd00:ec2::23',
+    'fd00:ec2::253',
+    '168.63.129.16',
     'fd20:ce::254',
     '64:ff9b:1::7f00:1',
     '64:ff9b:1:ffff::1',
@@ -840,7 +843,7 @@ describe('isBlockedAddress (classified only, never contacted)', () => {
     expect(isBlockedAddress(ip)).toBe(true);
   });
 
-  it.each(['10.0.0.5', '172.18.0.3', '192.168.1.2', '8.8.8.8', '2001:db8::1', 'fd00::12', '::ffff:10.0.0.5', '64:ff9b::808:808', '100.100.100.201', 'fd00:ec2::253', '2002:a00:5::1'])(
+  it.each(['10.0.0.5', '172.18.0.3', '192.168.1.2', '8.8.8.8', '2001:db8::1', 'fd00::12', '::ffff:10.0.0.5', '64:ff9b::808:808', '100.100.100.201', 'fd00:ec2:0:1::253', '168.63.129.17', '2002:a00:5::1'])(
     'allows %s',
     (ip) => {
       expect(isBlockedAddress(ip)).toBe(false);
