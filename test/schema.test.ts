@@ -121,6 +121,38 @@ describe('schema.sql', () => {
     }
   });
 
+  it('a connection that goes silent as it is being ended does not hold the migration (end is bounded)', async () => {
+    // The relay forwards until the client says Terminate, then forwards nothing more and
+    // keeps both sockets open: the server never closes, so end() alone would wait forever.
+    const target = new URL(db.url);
+    const sockets = new Set<net.Socket>();
+    let terminated = false;
+    // allowHalfOpen: the client's FIN is not answered with one (a stuck pooler's FIN-WAIT-2).
+    const relay = net.createServer({ allowHalfOpen: true }, (inbound) => {
+      const outbound = net.connect(Number(target.port), target.hostname);
+      sockets.add(inbound).add(outbound);
+      let silent = false;
+      inbound.on('data', (chunk) => {
+        if (chunk.includes(Buffer.from('X\x00\x00\x00\x04'))) silent = terminated = true;
+        if (!silent) outbound.write(chunk);
+      });
+      outbound.on('data', (chunk) => inbound.write(chunk));
+      for (const socket of [inbound, outbound]) socket.on('error', () => {});
+    });
+    await new Promise<void>((resolve) => relay.listen(0, '127.0.0.1', () => resolve()));
+    try {
+      const url = new URL(db.url);
+      url.port = String((relay.address() as net.AddressInfo).port);
+      const started = Date.now();
+      await migrate(url.toString()); // current: checks the marker, then ends the connection
+      expect(terminated).toBe(true);
+      expect(Date.now() - started).toBeLessThan(4_000);
+    } finally {
+      for (const socket of sockets) socket.destroy();
+      relay.close();
+    }
+  });
+
   it('a deadlock with a catalog session aborts the migration once; it tries again and applies', async () => {
     // A holds the change log, then wants the catalog table the migration already locked,
     // while the migration waits for the change log: a cycle PostgreSQL breaks by aborting

@@ -24,6 +24,7 @@
 import pg from 'pg';
 import { applyChanges, buildSnapshot, type CatalogRow, type CatalogSnapshot } from '../../core/catalog.ts';
 import type { Logger } from '../../core/log.ts';
+import { endWithin } from './pg-end.ts';
 import { CATALOG_CHANGES_QUERY, CATALOG_CHANNEL, CATALOG_QUERY, CATALOG_VERSIONED_QUERY } from './catalog-sql.ts';
 
 /** A row of CATALOG_VERSIONED_QUERY. */
@@ -371,11 +372,6 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
     return c;
   }
 
-  async function endClient(c: pg.Client): Promise<void> {
-    let timer: NodeJS.Timeout | undefined;
-    await Promise.race([c.end().catch(noop), new Promise<void>((resolve) => (timer = setTimeout(resolve, END_TIMEOUT_MS)))]);
-    clearTimeout(timer);
-  }
 
   /** One heartbeat on the LISTEN connection; a failure or no answer is a lost connection. */
   function beat(): void {
@@ -398,7 +394,7 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
     // first: Ctrl-C reaches the embedded server (the terminal's process group) a moment
     // before the gateway's own handler runs, and a gateway shutting down has lost nothing.
     if (established === c) unreportedLoss = lastError;
-    void endClient(c);
+    void endWithin(c);
     // A connection that lived, or a working one an administrator terminated (57P01:
     // pg_terminate_backend; a server shutting down says the same, but then the reconnects
     // fail and widen the backoff themselves): come back at the first step, because the
@@ -464,7 +460,7 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
       } catch (err) {
         if (client === c) client = undefined;
         opening = undefined;
-        void endClient(c);
+        void endWithin(c);
         if (stopped) return;
         lastError = message(err);
         // One line per failed attempt: the backoff caps the rate at one per reconnectMaxMs.
@@ -476,7 +472,7 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
         });
       }
     }
-    if (opening) void endClient(opening);
+    if (opening) void endWithin(opening);
     opening = undefined;
   }
 
@@ -508,7 +504,7 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
       const closing = [client, opening].filter((c): c is pg.Client => c !== undefined);
       client = undefined;
       opening = undefined;
-      await Promise.all(closing.map(endClient));
+      await Promise.all(closing.map((c) => endWithin(c, END_TIMEOUT_MS)));
       await reloadLoop?.catch(noop);
     },
     stats: () => ({ reloads, fullLoads, changeLoads, reconnects, notifications, ...(lastError !== undefined ? { lastError } : {}) }),

@@ -3,6 +3,7 @@
  * write fires the pgstack_fn_changed trigger, so running gateways pick it up live.
  */
 import pg from 'pg';
+import { endWithin } from './pg-end.ts';
 import type { CatalogRow, Runtime } from '../../core/index.ts';
 import { CATALOG_QUERY } from './catalog-sql.ts';
 
@@ -23,7 +24,7 @@ async function withClient<T>(databaseUrl: string, fn: (client: pg.Client) => Pro
   try {
     return await fn(client);
   } finally {
-    await client.end().catch(() => {});
+    await endWithin(client);
   }
 }
 

@@ -4,6 +4,7 @@
 import { createHash } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import pg from 'pg';
+import { endWithin } from './pg-end.ts';
 import type { Logger } from '../../core/log.ts';
 
 export { CATALOG_CHANNEL, CATALOG_QUERY } from './catalog-sql.ts';
@@ -32,6 +33,9 @@ export interface MigrateOptions {
 
 /** A deadlock (40P01) with catalog writers or readers aborts one side: the migration tries again, this often. */
 const DEADLOCK_ATTEMPTS = 3;
+
+/** The server ends a migration session left idle inside its transaction after this long. */
+const IDLE_IN_TRANSACTION_MS = 30_000;
 
 /** The schema's comment names the version of schema.sql applied last. */
 const markerOf = (schema: string) => `pgstack schema sha256:${createHash('sha256').update(schema).digest('hex').slice(0, 32)}`;
@@ -94,6 +98,10 @@ async function migrateOnce(databaseUrl: string, schema: string, options: Migrate
     if (!options.force && (await isCurrent(client, marker))) return;
     await client.query('BEGIN');
     await client.query(`SET LOCAL lock_timeout = ${Math.max(1, Math.floor(lockTimeoutMs))}`);
+    // A migrator cut off mid-transaction would leave its session holding the catalog's
+    // locks (every gateway's reloads then time out) until the server notices the dead TCP
+    // connection, possibly hours: the server ends a session idle in this transaction.
+    await client.query(`SET LOCAL idle_in_transaction_session_timeout = ${IDLE_IN_TRANSACTION_MS}`);
     await client.query("SELECT pg_advisory_xact_lock(hashtextextended('pgstack.migrate', 0))");
     // Another migrator may have applied it while this one waited.
     if (!options.force && (await isCurrent(client, marker))) {
@@ -104,7 +112,8 @@ async function migrateOnce(databaseUrl: string, schema: string, options: Migrate
     await client.query(`COMMENT ON SCHEMA pgstack IS '${marker}'`);
     await client.query('COMMIT');
   } catch (err) {
-    await client.query('ROLLBACK').catch(() => {});
+    // (After a timeout the connection is not to be trusted: ending it rolls back too.)
+    if (!/timeout/i.test(String((err as Error).message))) await client.query('ROLLBACK').catch(() => {});
     if ((err as { code?: unknown }).code === '55P03') {
       throw new MigrationLockTimeout(
         `applying the schema waited over ${lockTimeoutMs} ms for a lock on the pgstack tables: another session holds one (an open transaction that changed the catalog?)`,
@@ -113,6 +122,6 @@ async function migrateOnce(databaseUrl: string, schema: string, options: Migrate
     }
     throw err;
   } finally {
-    await client.end().catch(() => {});
+    await endWithin(client);
   }
 }
