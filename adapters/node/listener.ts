@@ -78,6 +78,8 @@ export function createListener(gateway: Gateway, options: ListenerOptions = {}):
       // (300 s) would cut long uploads that the deadline allows.
       requestTimeout: 0,
       headersTimeout: options.headersTimeoutMs ?? 20_000,
+      // How often Node checks that deadline (default 30 s: a slow head lasted up to ~50 s).
+      connectionsCheckingInterval: 2_000,
       keepAliveTimeout: options.keepAliveTimeoutMs ?? 5_000,
       // Streamed chunks (SSE) leave as they are written, not after Nagle's delay.
       noDelay: true,
@@ -380,7 +382,14 @@ function sendResponse(
     return instead;
   }
   if (readable === null) res.end();
-  else pipeBody(readable, res, reporter, headers['x-request-id']);
+  else {
+    // Node sends the head with the first body bytes. When none are here yet (a stream, a
+    // slow function), the head leaves now: the client has its status at once, and a body
+    // that then fails is a broken response after a head, not an empty reply. (When the
+    // body came with the head, as it mostly does, head and body leave in one write.)
+    if (readable.readableLength === 0 && !readable.readableEnded) res.flushHeaders();
+    pipeBody(readable, res, reporter, headers['x-request-id']);
+  }
   return undefined;
 }
 
@@ -400,7 +409,7 @@ function pipeBody(body: Readable, res: ServerResponse, reporter: Reporter, reque
   if (body.closed && !body.readableEnded) {
     // Already gone (its events with it) before the answer was written.
     reporter.cut(res, requestId, body.errored ?? undefined);
-    res.destroy(body.errored ?? undefined);
+    breakResponse(res, body.errored ?? undefined);
     return;
   }
   // Whichever side ends it first is the cause (the client leaving also destroys the body,
@@ -411,13 +420,13 @@ function pipeBody(body: Readable, res: ServerResponse, reporter: Reporter, reque
       cut = true;
       reporter.cut(res, requestId, err);
     }
-    res.destroy(err);
+    breakResponse(res, err);
   });
   body.once('close', () => {
     if (body.readableEnded || res.destroyed) return;
     cut = true;
     reporter.cut(res, requestId, undefined);
-    res.destroy();
+    breakResponse(res, undefined);
   });
   res.once('close', () => {
     if (res.writableFinished) return;
@@ -429,6 +438,17 @@ function pipeBody(body: Readable, res: ServerResponse, reporter: Reporter, reque
   });
   res.on('error', noop);
   body.pipe(res);
+}
+
+/**
+ * Ends a response whose body failed so that every client can tell: the connection is reset
+ * (RST), not closed. A FIN would end an HTTP/1.0 response, or any without a length, as if
+ * it were whole; with a length or chunked framing the client sees the cut either way.
+ */
+function breakResponse(res: ServerResponse, err: Error | undefined): void {
+  const socket = res.socket;
+  if (socket && !socket.destroyed) socket.resetAndDestroy();
+  res.destroy(err);
 }
 
 /** The cause of a cut when the client left mid-response (not an error of the gateway's). */

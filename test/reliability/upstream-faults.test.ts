@@ -48,7 +48,7 @@ function cutsFor(name: string): unknown[] {
 
 beforeAll(async () => {
   db = await createTestDatabase();
-  const names = ['refused', 'silent', 'stall-chunked', 'stall-length', 'reset-chunked', 'reset-length', 'reset-until-close', 'close-delimited', 'idle-close', 'idle-drop', 'reason', 'broken-chunk'];
+  const names = ['refused', 'silent', 'stall-chunked', 'stall-length', 'reset-chunked', 'reset-length', 'reset-until-close', 'close-delimited', 'reset-late', 'slow-body', 'idle-close', 'idle-drop', 'reason', 'broken-chunk'];
   gw = await startTestGateway(db.url, {
     UPSTREAM_HOSTS: names.map((n) => `${n}=127.0.0.1`).join(','),
     UPSTREAM_HEADERS_TIMEOUT_MS: String(HEADERS_TIMEOUT_MS),
@@ -182,6 +182,53 @@ describe('upstream faults', () => {
       expect(await (await gw.call('/metrics')).text()).toMatch(/^pgstack_responses_cut_total\{cause="upstream"\} [1-9]/m);
     });
   }
+
+  it('resets mid-body, to an HTTP/1.0 client (no framing of its own): the client sees a reset, never a clean end', async () => {
+    const client = await RawClient.connect(gw.port);
+    await client.write('GET /functions/v1/reset-chunked HTTP/1.0\r\nHost: gw\r\n\r\n');
+    const res = await client.read({ timeoutMs: 5_000 });
+    expect(res.status).toBe(200);
+    expect(res.body.toString()).toBe('part');
+    expect(res.complete).toBe(false);
+    expect(client.error).toBeDefined();
+  });
+
+  it('a head, then a reset before any body byte: the client has the status and a broken body, not an empty reply', async () => {
+    const late = await startTcpUpstream((socket) => {
+      socket.once('data', () => {
+        socket.write('HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 10\r\n\r\n', () => {
+          setTimeout(() => socket.resetAndDestroy(), 300);
+        });
+      });
+    });
+    upstreams.push(late);
+    await register('reset-late', late.port);
+    const client = await RawClient.connect(gw.port);
+    const started = Date.now();
+    await client.write(requestText('GET', '/functions/v1/reset-late'));
+    const head = await client.read({ timeoutMs: 5_000 });
+    expect(head.status).toBe(200);
+    expect(head.body.length).toBe(0);
+    expect(head.complete).toBe(false);
+    expect(Date.now() - started).toBeGreaterThanOrEqual(250);
+  });
+
+  it('the head of a slow body leaves at once: the client has its status before the first byte of the body', async () => {
+    const slow = await startTcpUpstream((socket) => {
+      socket.once('data', () => {
+        socket.write('HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n');
+        setTimeout(() => socket.end('4\r\nlate\r\n0\r\n\r\n'), 1_000);
+      });
+    });
+    upstreams.push(slow);
+    await register('slow-body', slow.port);
+    const started = Date.now();
+    const res = await gw.call('/functions/v1/slow-body');
+    expect(res.status).toBe(200);
+    expect(Date.now() - started).toBeLessThan(800);
+    expect(await res.text()).toBe('late');
+    expect(Date.now() - started).toBeGreaterThanOrEqual(900);
+  });
 
   it('closes cleanly after a body without a length (FIN, not a reset): relayed whole, ended cleanly', async () => {
     const closing = await startTcpUpstream((socket) => {
