@@ -46,12 +46,12 @@ interface LogPosition {
   readonly epoch: string;
 }
 
-/** The log cannot be read: it (or the schema) is missing, or this role may not read it. */
 /** The SQLSTATE (or Node error code) of an error, if it has one. */
 function errorCode(err: unknown): unknown {
   return typeof err === 'object' && err !== null ? (err as { code?: unknown }).code : undefined;
 }
 
+/** The log cannot be read: it (or the schema) is missing, or this role may not read it. */
 function unreadableLog(err: unknown): boolean {
   const code = errorCode(err);
   return code === '42P01' || code === '42501' || code === '42883'; // undefined_table, insufficient_privilege, undefined_function (a server before 13)
@@ -110,7 +110,6 @@ export interface CatalogSource {
 const LOAD_STATEMENT_TIMEOUT_MS = 10_000;
 const LOAD_CLIENT_TIMEOUT_MS = 15_000;
 const CONNECT_TIMEOUT_MS = 5_000;
-const END_TIMEOUT_MS = 2_000;
 /** A connection that lived this long resets the reconnect backoff; shorter ones keep widening it (unless terminated by an administrator). */
 const STABLE_CONNECTION_MS = 5_000;
 /** Pacing of reloads during a burst of notifications (see the head of this file). */
@@ -372,13 +371,11 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
     return c;
   }
 
-
   /** One heartbeat on the LISTEN connection; a failure or no answer is a lost connection. */
   function beat(): void {
     const c = client;
-    if (!c) return;
+    if (!c || loading || beating) return;
     // (pg reads a per-query `query_timeout`; its typings do not list it.)
-    if (loading || beating) return;
     const query = { text: 'SELECT 1', query_timeout: heartbeatTimeoutMs } as pg.QueryConfig;
     beating = c
       .query(query)
@@ -504,7 +501,7 @@ export function createPostgresCatalog(options: PostgresCatalogOptions): CatalogS
       const closing = [client, opening].filter((c): c is pg.Client => c !== undefined);
       client = undefined;
       opening = undefined;
-      await Promise.all(closing.map((c) => endWithin(c, END_TIMEOUT_MS)));
+      await Promise.all(closing.map((c) => endWithin(c)));
       await reloadLoop?.catch(noop);
     },
     stats: () => ({ reloads, fullLoads, changeLoads, reconnects, notifications, ...(lastError !== undefined ? { lastError } : {}) }),
