@@ -135,13 +135,13 @@ describe('buildUpstreamHeaders', () => {
       'Remote-User', 'X-Remote-User', 'X-WebAuth-User', 'X_Auth_Request_User',
       'Remote-Groups', 'Remote-Email', 'X-Remote-Group', 'X-Remote-Extra-Scopes', 'X-Consumer-ID', 'X-Consumer-Username',
       'X-Consumer-Groups', 'X-Credential-Identifier', 'X-Authenticated-Userid', 'X-Anonymous-Consumer', 'X-Endpoint-API-UserInfo',
-      'X-Apigateway-Api-Userinfo', 'SM_USER', 'SM-Universalid', 'iv-user', 'iv-groups', 'X-Pomerium-Claim-Email', 'X-authentik-username',
+      'X-Apigateway-Api-Userinfo', 'SM_USER', 'SM-Universalid', 'SMUSER', 'SMUSERDN', 'SMUNIVERSALID', 'SMAUTHREASON', 'SMREALM', 'SMSESSION', 'iv-user', 'iv-groups', 'X-Pomerium-Claim-Email', 'X-authentik-username',
       'Tailscale-User-Login', 'X-Vouch-User', 'X-Auth-Username', 'X-Auth-Email', 'X-Auth-Roles', 'X-MS-Token-AAD-Id-Token',
       'Disguised-Host', 'X-Waws-Unencoded-Url', 'ssl-client-verify', 'X-SSL-Client-DN', 'X-Client-Cert', 'X-Client-Cert-Chain',
       'X-Client-Verify', 'X-Amzn-Mtls-Clientcert', 'Client-Cert', 'Client-Cert-Chain', 'WL-Proxy-Client-IP', 'WL-Proxy-SSL',
       'Fastly-SSL', 'X-Jwt-Assertion', 'X-JWT-Payload', 'X-User', 'X-User-Id', 'X-UserId',
     ];
-    const kept = ['X-Amzn-Trace-Id', 'Cfg-Mode', 'X-Originals', 'Remoteness', 'X-Goog-Api-Key', 'Flyer', 'X-Auth-Token', 'X-Users-Count', 'Smtp-Host', 'Ivory'];
+    const kept = ['X-Amzn-Trace-Id', 'Cfg-Mode', 'X-Originals', 'Remoteness', 'X-Goog-Api-Key', 'Flyer', 'X-Auth-Token', 'X-Users-Count', 'Smtp-Host', 'Ivory', 'Smart-Mode'];
     const out = build([...dropped, ...kept].map((name) => [name, 'spoofed'] as [string, string]));
     for (const name of dropped) expect(out.has(name), name).toBe(false);
     for (const name of kept) expect(out.get(name), name).toBe('spoofed');

@@ -65,7 +65,7 @@ const FORWARDING: ReadonlySet<string> = new Set([
  *   `x-authenticated-*`, `x-anonymous-consumer`), Google IAP, Cloud Endpoints and API
  *   Gateway (verified JWT payloads), AWS ALB OIDC and mTLS, App Service (`x-ms-client-principal*`,
  *   `x-ms-token-*`), Cloudflare Access (`cf-access-*`), Pomerium, authentik, Tailscale,
- *   Vouch, SiteMinder (`sm-*`), WebSEAL (`iv-*`), `x-webauth-*`, JWT forwarders (`x-jwt-*`), generic user
+ *   Vouch, SiteMinder (`sm-*`, `smuser`, ...), WebSEAL (`iv-*`), `x-webauth-*`, JWT forwarders (`x-jwt-*`), generic user
  *   headers (`x-user`, `x-user-*`, `x-userid`), and TLS client facts (`ssl-client-*`,
  *   `x-ssl-*`, `x-client-cert*`, `x-client-verify`, `x-client-dn`, RFC 9440 `client-cert*`).
  */
@@ -77,7 +77,8 @@ const FORWARDING_FAMILIES = new RegExp(
       'x-auth-request-', 'x-auth-(?:username|userid|user|subject|email|roles|groups|audience|expiresin|preferred-username)$',
       'remote-', 'x-remote-', 'x-consumer-', 'x-credential-', 'x-authenticated-', 'x-anonymous-consumer$',
       'x-goog-authenticated-', 'x-goog-iap-', 'x-endpoint-api-', 'x-apigateway-api-', 'x-amzn-oidc-', 'x-amzn-mtls-',
-      'x-ms-client-principal', 'x-ms-token-', 'x-pomerium-', 'x-authentik-', 'tailscale-', 'x-vouch-', 'sm-', 'iv-',
+      'x-ms-client-principal', 'x-ms-token-', 'x-pomerium-', 'x-authentik-', 'tailscale-', 'x-vouch-', 'sm-',
+      'sm(?:user|userdn|universalid|authreason|authtype|realm|realmoid|session|sessionid|transactionid|serverid|agentname|timeoutreason)$', 'iv-',
       'x-webauth-', 'x-jwt-', 'x-user$', 'x-user-', 'x-userid$', 'ssl-client-', 'x-ssl-', 'x-client-cert', 'x-client-verify$',
       'x-client-dn$', 'client-cert',
     ].join('|') +
