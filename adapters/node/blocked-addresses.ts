@@ -37,7 +37,7 @@ EMBEDS_V4.addSubnet('::ffff:0:0:0', 96, 'ipv6'); // IPv4-translated (SIIT)
 EMBEDS_V4.addSubnet('64:ff9b::', 96, 'ipv6'); // NAT64 well-known prefix
 
 /** Expands a valid IPv6 literal (no zone) to its 8 16-bit groups. */
-function ipv6Groups(address: string): number[] {
+export function ipv6Groups(address: string): number[] {
   let text = address;
   const lastColon = text.lastIndexOf(':');
   const last = text.slice(lastColon + 1);
@@ -55,7 +55,7 @@ function ipv6Groups(address: string): number[] {
 }
 
 /** The IPv4 address in the 16-bit groups `hi` and `lo`. */
-function ipv4Of(hi: number, lo: number): string {
+export function ipv4Of(hi: number, lo: number): string {
   return `${hi >> 8}.${hi & 0xff}.${lo >> 8}.${lo & 0xff}`;
 }
 

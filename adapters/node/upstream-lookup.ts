@@ -9,7 +9,7 @@ import dns from 'node:dns';
 import net from 'node:net';
 import os from 'node:os';
 import { buildConnector } from 'undici';
-import { isBlockedAddress } from './blocked-addresses.ts';
+import { ipv4Of, ipv6Groups, isBlockedAddress } from './blocked-addresses.ts';
 import type { MappedHost } from './upstream-hosts.ts';
 
 /** The connect-time refusal of an address in a blocked range (mapped to ForwardError 'blocked'). */
@@ -33,19 +33,16 @@ export interface LookupSeams {
   readonly ownAddresses?: () => ReadonlySet<string>;
 }
 
-/** Lowercase, without an IPv6 zone, IPv4-mapped IPv6 as its IPv4. */
+/** Lowercase, without an IPv6 zone, IPv4-mapped IPv6 (in any spelling) as its IPv4. */
 export function normalAddress(address: string): string {
   let a = address.toLowerCase();
   const zone = a.indexOf('%');
   if (zone !== -1) a = a.slice(0, zone);
-  if (!a.startsWith('::ffff:')) return a;
-  const rest = a.slice(7);
-  if (net.isIPv4(rest)) return rest;
-  const hex = /^([0-9a-f]{1,4}):([0-9a-f]{1,4})$/.exec(rest); // ::ffff:a00:1
-  if (hex === null) return a;
-  const high = parseInt(hex[1]!, 16);
-  const low = parseInt(hex[2]!, 16);
-  return `${high >> 8}.${high & 255}.${low >> 8}.${low & 255}`;
+  if (net.isIPv6(a)) {
+    const groups = ipv6Groups(a);
+    if (groups.slice(0, 6).join() === '0,0,0,0,0,65535') return ipv4Of(groups[6]!, groups[7]!);
+  }
+  return a;
 }
 
 const OWN_ADDRESSES_TTL_MS = 5_000;
