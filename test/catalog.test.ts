@@ -5,7 +5,6 @@
  * to visibility is measured.
  */
 import { readFileSync } from 'node:fs';
-import net from 'node:net';
 import pg from 'pg';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import type { CatalogSnapshot } from '../core/catalog.ts';
@@ -13,6 +12,7 @@ import type { LogLevel } from '../core/log.ts';
 import { createPostgresCatalog, type CatalogSource, type PostgresCatalogOptions } from '../adapters/node/catalog.ts';
 import { freePort } from '../adapters/node/embedded.ts';
 import { createTestDatabase, type TestDatabase } from './support/db.ts';
+import { startDbRelay } from './support/db-relay.ts';
 
 interface LogEntry {
   level: LogLevel;
@@ -234,37 +234,21 @@ describe('live catalog', () => {
   });
 
   it('a connection that stops answering (blackholed) is noticed by the heartbeat and replaced', async () => {
-    // A TCP relay to the database that can freeze: it keeps the sockets open, forwards nothing.
-    const target = new URL(db.url);
+    // A relay to the database that can freeze: it keeps the sockets open, forwards nothing.
     let frozen = false;
-    const relayed = new Set<net.Socket>();
-    const relay = net.createServer((inbound) => {
-      const outbound = net.connect(Number(target.port), target.hostname);
-      relayed.add(inbound).add(outbound);
-      for (const [from, to] of [[inbound, outbound], [outbound, inbound]] as const) {
-        from.on('data', (chunk) => {
-          if (!frozen) to.write(chunk);
-        });
-        from.on('error', () => to.destroy());
-        from.on('close', () => to.destroy());
-      }
-    });
-    await new Promise<void>((resolve) => relay.listen(0, '127.0.0.1', () => resolve()));
+    const relay = await startDbRelay(db.url, { fromClient: () => !frozen, fromServer: () => !frozen });
     try {
-      const url = new URL(db.url);
-      url.port = String((relay.address() as net.AddressInfo).port);
-      const source = await startCatalog({ databaseUrl: url.toString(), heartbeatMs: 200, heartbeatTimeoutMs: 500, reconnectMinMs: 100, reconnectMaxMs: 200 });
+      const source = await startCatalog({ databaseUrl: relay.url, heartbeatMs: 200, heartbeatTimeoutMs: 500, reconnectMinMs: 100, reconnectMaxMs: 200 });
       expect(source.listening()).toBe(true);
       frozen = true;
       const started = Date.now();
       await vi.waitFor(() => expect(source.listening()).toBe(false), { timeout: 3_000, interval: 20 });
       expect(Date.now() - started).toBeLessThan(2_000);
       await vi.waitFor(() => expect(logs.some((l) => l.message.startsWith('catalog listener lost') && String(l.fields?.['error']).includes('heartbeat'))).toBe(true), WAIT);
-      for (const socket of relayed) socket.destroy();
+      relay.dropConnections();
       frozen = false;
       await vi.waitFor(() => expect(source.listening()).toBe(true), WAIT);
     } finally {
-      for (const socket of relayed) socket.destroy();
       relay.close();
     }
   });

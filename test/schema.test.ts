@@ -2,11 +2,11 @@
  * sql/schema.sql against a real PostgreSQL: idempotence (also over the seed's original
  * table), the CHECKs, updated_at, and the NOTIFY of the pgstack_fn_changed triggers.
  */
-import net from 'node:net';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { CATALOG_CHANNEL, migrate } from '../adapters/node/migrate.ts';
 import { createTestDatabase, type TestDatabase } from './support/db.ts';
+import { startDbRelay } from './support/db-relay.ts';
 
 const SEED_INSERT = `INSERT INTO pgstack.edge_functions (name, runtime, verify_jwt, upstream_url) VALUES ('my-fn', 'http', true, 'http://my-fn:8000');`;
 
@@ -83,32 +83,19 @@ describe('schema.sql', () => {
   });
 
   it('a connection that goes silent after login fails the migration within its query timeout (no hang)', async () => {
-    // A TCP relay to the database that forwards the login, then drops whatever the client
+    // A relay to the database that forwards the login, then drops whatever the client
     // sends (a partition or a stuck pooler): the first query's answer never comes.
-    const target = new URL(db.url);
     let loggedIn = false;
-    const sockets = new Set<net.Socket>();
-    const relay = net.createServer((inbound) => {
-      const outbound = net.connect(Number(target.port), target.hostname);
-      sockets.add(inbound).add(outbound);
-      inbound.on('data', (chunk) => {
-        if (!loggedIn) outbound.write(chunk);
-      });
-      outbound.on('data', (chunk) => {
-        inbound.write(chunk);
+    const relay = await startDbRelay(db.url, {
+      fromClient: () => !loggedIn,
+      fromServer: (chunk) => {
         if (chunk.includes(Buffer.from('Z\x00\x00\x00\x05I'))) loggedIn = true; // ReadyForQuery, idle
-      });
-      for (const socket of [inbound, outbound]) {
-        socket.on('error', () => {});
-        socket.on('close', () => (inbound.destroy(), outbound.destroy()));
-      }
+        return true;
+      },
     });
-    await new Promise<void>((resolve) => relay.listen(0, '127.0.0.1', () => resolve()));
     try {
-      const url = new URL(db.url);
-      url.port = String((relay.address() as net.AddressInfo).port);
       const started = Date.now();
-      const failure = await migrate(url.toString(), { queryTimeoutMs: 500 }).then(
+      const failure = await migrate(relay.url, { queryTimeoutMs: 500 }).then(
         () => undefined,
         (err: unknown) => err,
       );
@@ -116,39 +103,28 @@ describe('schema.sql', () => {
       expect(String(failure)).toMatch(/timeout/i);
       expect(Date.now() - started).toBeLessThan(4_000);
     } finally {
-      for (const socket of sockets) socket.destroy();
       relay.close();
     }
   });
 
   it('a connection that goes silent as it is being ended does not hold the migration (end is bounded)', async () => {
     // The relay forwards until the client says Terminate, then forwards nothing more and
-    // keeps both sockets open: the server never closes, so end() alone would wait forever.
-    const target = new URL(db.url);
-    const sockets = new Set<net.Socket>();
+    // keeps both sockets open (half-open: the client's FIN is never answered, a stuck
+    // pooler's FIN-WAIT-2): the server never closes, so end() alone would wait forever.
     let terminated = false;
-    // allowHalfOpen: the client's FIN is not answered with one (a stuck pooler's FIN-WAIT-2).
-    const relay = net.createServer({ allowHalfOpen: true }, (inbound) => {
-      const outbound = net.connect(Number(target.port), target.hostname);
-      sockets.add(inbound).add(outbound);
-      let silent = false;
-      inbound.on('data', (chunk) => {
-        if (chunk.includes(Buffer.from('X\x00\x00\x00\x04'))) silent = terminated = true;
-        if (!silent) outbound.write(chunk);
-      });
-      outbound.on('data', (chunk) => inbound.write(chunk));
-      for (const socket of [inbound, outbound]) socket.on('error', () => {});
+    const relay = await startDbRelay(db.url, {
+      halfOpen: true,
+      fromClient: (chunk) => {
+        if (chunk.includes(Buffer.from('X\x00\x00\x00\x04'))) terminated = true;
+        return !terminated;
+      },
     });
-    await new Promise<void>((resolve) => relay.listen(0, '127.0.0.1', () => resolve()));
     try {
-      const url = new URL(db.url);
-      url.port = String((relay.address() as net.AddressInfo).port);
       const started = Date.now();
-      await migrate(url.toString()); // current: checks the marker, then ends the connection
+      await migrate(relay.url); // current: checks the marker, then ends the connection
       expect(terminated).toBe(true);
       expect(Date.now() - started).toBeLessThan(4_000);
     } finally {
-      for (const socket of sockets) socket.destroy();
       relay.close();
     }
   });
